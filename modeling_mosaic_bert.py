@@ -274,9 +274,36 @@ class MosaicBertLayer(GradientCheckpointingLayer):
 
 
 class MosaicBertEncoder(nn.Module):
+    """The stack of layers over one unpadded batch."""
+
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
+        self.num_heads = config.num_attention_heads
         self.layer = nn.ModuleList([MosaicBertLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[list[torch.Tensor]] | None]:
+        """(total_tokens, hidden) -> (total_tokens, hidden); with the flags, also the input and every layer's
+        output (each (total_tokens, hidden)) and every layer's per-sequence attention probabilities."""
+        slopes = alibi_slopes(self.num_heads, hidden_states.device)  # computed here: nothing ALiBi is stored
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_probabilities = [] if output_attentions else None
+        for layer in self.layer:
+            hidden_states, probabilities = layer(
+                hidden_states, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, slopes=slopes,
+                output_attentions=output_attentions,
+            )
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if output_attentions:
+                all_probabilities.append(probabilities)
+        return hidden_states, all_hidden_states, all_probabilities
 
 
 class MosaicBertPooler(nn.Module):
@@ -502,18 +529,9 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         else:
             hidden_states = self.embeddings(None, token_type_ids, padded)
 
-        slopes = alibi_slopes(self.config.num_attention_heads, hidden_states.device)
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        attentions = [] if output_attentions else None
-        for layer in self.encoder.layer:
-            hidden_states, probabilities = layer(
-                hidden_states, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, slopes=slopes,
-                output_attentions=output_attentions,
-            )
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                attentions.append(self._pad_attentions(probabilities, indices, cu_seqlens, batch_size, seqlen))
+        hidden_states, all_hidden_states, all_probabilities = self.encoder(
+            hidden_states, cu_seqlens, max_seqlen, output_attentions, output_hidden_states
+        )
         return UnpaddedEncoding(
             hidden_states=hidden_states,
             indices=indices,
@@ -521,7 +539,11 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             batch_size=batch_size,
             seqlen=seqlen,
             all_hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
+            attentions=(
+                tuple(self._pad_attentions(p, indices, cu_seqlens, batch_size, seqlen) for p in all_probabilities)
+                if output_attentions
+                else None
+            ),
         )
 
     @staticmethod

@@ -1,0 +1,142 @@
+"""The model on CUDA: the Triton kernel is the default attention and agrees with the PyTorch path.
+
+Skipped without CUDA; run on the H100 machine with `python -m pytest tests/test_model_gpu.py`.
+Tolerances: bf16 autocast runs both paths in bf16 matmuls, so the kernel path must match the PyTorch path within a
+relative Frobenius error of 2e-2 on hidden states and gradients (measured values are printed with -s).
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_model(cls, **overrides):
+    from configuration_mosaic_bert import MosaicBertConfig
+
+    kwargs = dict(
+        vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+        hidden_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return cls(MosaicBertConfig(**kwargs)).cuda()
+
+
+def ragged(lengths, vocab=512, seed=0, seqlen=None):
+    g = torch.Generator().manual_seed(seed)
+    seqlen = seqlen or max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), seqlen), generator=g)
+    mask = (torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids.cuda(), mask.cuda()
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_kernel_is_the_default_attention_on_cuda_in_bf16():
+    from modeling_mosaic_bert import MosaicBertModel, flash_attn_varlen_func
+
+    assert flash_attn_varlen_func is not None, "Triton kernel failed to import on a CUDA machine"
+    model = tiny_model(MosaicBertModel)
+    calls = []
+    import modeling_mosaic_bert
+
+    original = modeling_mosaic_bert.flash_attn_varlen_func
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    modeling_mosaic_bert.flash_attn_varlen_func = counting
+    try:
+        ids, mask = ragged([5, 17, 1])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids, attention_mask=mask)
+    finally:
+        modeling_mosaic_bert.flash_attn_varlen_func = original
+    assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_path_matches_torch_path_forward_and_gradients_within_2e_2(dtype):
+    from modeling_mosaic_bert import MosaicBertForMaskedLM
+
+    kernel_model = tiny_model(MosaicBertForMaskedLM)
+    torch_model = copy.deepcopy(kernel_model)
+    for layer in torch_model.bert.encoder.layer:
+        layer.attention.self.backend = "torch"
+    ids, mask = ragged([1, 7, 127, 128, 129, 300], seed=1)
+    labels = torch.where(torch.rand_like(ids, dtype=torch.float) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    results = []
+    for model in (kernel_model, torch_model):
+        with torch.autocast("cuda", dtype=dtype):
+            out = model(ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        out.loss.backward()
+        results.append((out, model.bert.encoder.layer[0].attention.self.Wqkv.weight.grad.clone()))
+    (k_out, k_grad), (t_out, t_grad) = results
+    assert torch.isfinite(k_out.loss)
+    for k_h, t_h in zip(k_out.hidden_states, t_out.hidden_states):
+        assert rel_err(k_h, t_h) < 2e-2
+    assert rel_err(k_out.logits, t_out.logits) < 2e-2
+    assert rel_err(k_grad, t_grad) < 2e-2
+
+
+def test_kernel_path_is_batch_invariant():
+    from modeling_mosaic_bert import MosaicBertModel
+
+    model = tiny_model(MosaicBertModel).eval()
+    ids, mask = ragged([40, 3, 200], seed=2)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.inference_mode():
+        batch = model(ids, attention_mask=mask).last_hidden_state
+        alone = model(ids[1:2, :3]).last_hidden_state
+    assert rel_err(batch[1, :3], alone[0]) < 1e-2
+
+
+def test_mixed_lengths_1_and_8192_run_on_the_kernel():
+    from modeling_mosaic_bert import MosaicBertModel
+
+    model = tiny_model(MosaicBertModel).eval()
+    ids, mask = ragged([1, 8192, 4096], seed=3)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.inference_mode():
+        out = model(ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(out).all()
+    assert (out[0, 1:] == 0).all()
+
+
+def test_triton_backend_refuses_output_attentions_with_a_clear_error():
+    from modeling_mosaic_bert import MosaicBertModel
+
+    model = tiny_model(MosaicBertModel, attention_backend="triton")
+    ids, mask = ragged([4, 6])
+    with pytest.raises(ValueError, match="output_attentions"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids, attention_mask=mask, output_attentions=True)
+
+
+def test_auto_backend_falls_back_to_torch_for_float32_and_output_attentions():
+    from modeling_mosaic_bert import MosaicBertModel
+
+    model = tiny_model(MosaicBertModel)
+    ids, mask = ragged([4, 6])
+    out = model(ids, attention_mask=mask, output_attentions=True)
+    assert out.attentions[0].shape == (2, 2, 6, 6)
+
+
+def test_compiled_layers_match_eager_in_bf16():
+    from modeling_mosaic_bert import MosaicBertForMaskedLM
+
+    model = tiny_model(MosaicBertForMaskedLM).eval()
+    ids, mask = ragged([30, 64, 5], seed=4)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.inference_mode():
+        eager = model(ids, attention_mask=mask).logits
+    compiled = copy.deepcopy(model)
+    for layer in compiled.bert.encoder.layer:
+        layer.compile(dynamic=True, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.inference_mode():
+        out = compiled(ids, attention_mask=mask).logits
+    assert rel_err(out, eager) < 2e-2
