@@ -99,8 +99,18 @@ class MosaicBertGatedMLP(nn.Module):
         return self.layernorm(mlp_out + hidden_states)
 
 
-def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:
-    """ALiBi slopes m_h, float32 (num_heads,). The bias added to head h's scores is -m_h * |i - j|.
+def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, the dtype itself for float32 and float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for a loss: half precision goes up to float32, float64 stays float64."""
+    return logits.to(upcast_dtype(logits.dtype))
+
+
+def alibi_slopes(num_heads: int, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
+    """ALiBi slopes m_h, (num_heads,) of `dtype` (float32, or float64 for a float64 model). The bias added to head h's scores is -m_h * |i - j|.
 
     For n heads, n a power of two, m_h = 2^(-8(h+1)/n). Otherwise the largest power of two n' below n gives the first
     n' slopes and every other slope of 2n' (2^(-8(k+1)/2n') for k = 0, 2, 4, ...) fills the rest.
@@ -111,12 +121,12 @@ def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Te
 
     base = 2 ** math.floor(math.log2(num_heads))
     slopes = geometric(base) + geometric(2 * base)[0::2][: num_heads - base]
-    return torch.tensor(slopes, dtype=torch.float32, device=device)
+    return torch.tensor(slopes, dtype=dtype, device=device)
 
 
 def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """The symmetric ALiBi bias of one sequence length: (heads, length, length), -m_h * |i - j|."""
-    positions = torch.arange(length, device=slopes.device, dtype=torch.float32)
+    positions = torch.arange(length, device=slopes.device, dtype=slopes.dtype)
     distance = (positions[:, None] - positions[None, :]).abs()
     return (-slopes[:, None, None] * distance).to(dtype)
 
@@ -291,7 +301,8 @@ class MosaicBertEncoder(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[list[torch.Tensor]] | None]:
         """(total_tokens, hidden) -> (total_tokens, hidden); with the flags, also the input and every layer's
         output (each (total_tokens, hidden)) and every layer's per-sequence attention probabilities."""
-        slopes = alibi_slopes(self.num_heads, hidden_states.device)  # computed here: nothing ALiBi is stored
+        # Computed here, so nothing about ALiBi lives in the state dict or on the meta device.
+        slopes = alibi_slopes(self.num_heads, hidden_states.device, upcast_dtype(hidden_states.dtype))
         all_hidden_states = [hidden_states] if output_hidden_states else None
         all_probabilities = [] if output_attentions else None
         for layer in self.layer:
@@ -390,6 +401,10 @@ class UnpaddedEncoding:
         return tuple(self.pad(states) for states in self.all_hidden_states)
 
 
+# Index dtypes nn.Embedding accepts.
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
 def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embeds) -> None:
     """Raises ValueError for inputs the model cannot take, before anything indexes with them.
 
@@ -401,20 +416,26 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
     if input_ids is not None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"input_ids must be integer token ids (int64 or int32), got dtype {input_ids.dtype}")
         shape = tuple(input_ids.shape)
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must have shape (batch, seqlen, {config.hidden_size}), got {tuple(inputs_embeds.shape)}"
             )
+        if not inputs_embeds.dtype.is_floating_point:
+            raise ValueError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
         shape = tuple(inputs_embeds.shape[:2])
     if 0 in shape:
         raise ValueError(f"Empty batch: inputs have shape {shape}")
     for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have the inputs' shape {shape}, got {tuple(tensor.shape)}")
+    if token_type_ids is not None and token_type_ids.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"token_type_ids must be integer ids (int64 or int32), got dtype {token_type_ids.dtype}")
+    if attention_mask is not None and attention_mask.dtype.is_complex:
+        raise ValueError(f"attention_mask must hold 0/1 (bool, integer or float), got dtype {attention_mask.dtype}")
     # One host sync for every value check.
     checks = {}
     if input_ids is not None:
@@ -423,12 +444,15 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
         checks["mask_bad"] = ((attention_mask != 0) & (attention_mask != 1)).any()
     if token_type_ids is not None:
         checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
+    if not checks:  # inputs_embeds without attention_mask or token_type_ids: nothing to look at
+        return
     values = dict(zip(checks, torch.stack([v.to(torch.float64) for v in checks.values()]).tolist()))
     if "input_ids_min" in values and (values["input_ids_min"] < 0 or values["input_ids_max"] >= config.vocab_size):
         bad = values["input_ids_min"] if values["input_ids_min"] < 0 else values["input_ids_max"]
         raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {config.vocab_size})")
     if values.get("mask_bad"):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got {bad}")
     if "types_min" in values and (values["types_min"] < 0 or values["types_max"] >= config.type_vocab_size):
         bad = values["types_min"] if values["types_min"] < 0 else values["types_max"]
         raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {config.type_vocab_size})")
@@ -447,7 +471,9 @@ def labels_of_real_tokens(labels: torch.Tensor, encoding: UnpaddedEncoding) -> t
 
 
 def check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Class labels must lie in [0, num_classes) or be -100 (ignored)."""
+    """Class labels must be integer ids in [0, num_classes) or -100 (ignored)."""
+    if labels.dtype != torch.int64:  # what cross_entropy takes
+        raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
     valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
     if not bool(valid.all()):
         raise ValueError(f"labels must lie in [0, {num_classes}) or be -100, got values {labels[~valid].unique()[:5].tolist()}")
@@ -636,7 +662,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             targets = labels[labelled]
             check_class_labels(targets, self.config.vocab_size)
             logits = self.cls(encoding.hidden_states[labelled])
-            loss = F.cross_entropy(logits.float(), targets)
+            loss = F.cross_entropy(upcast(logits), targets)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
         )
@@ -689,14 +715,14 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
         if labels.shape[0] != logits.shape[0]:
             raise ValueError(f"labels hold {labels.shape[0]} rows for a batch of {logits.shape[0]}")
         if self.config.problem_type == "regression":
-            return MSELoss()(logits.squeeze(-1).float(), labels.view(-1).float())
+            return MSELoss()(upcast(logits).squeeze(-1), labels.view(-1).to(upcast_dtype(logits.dtype)))
         if self.config.problem_type == "single_label_classification":
             labels = labels.view(-1)
             check_class_labels(labels, self.num_labels)
-            return CrossEntropyLoss()(logits.float(), labels)
+            return CrossEntropyLoss()(upcast(logits), labels)
         if tuple(labels.shape) != tuple(logits.shape):
             raise ValueError(f"multi-label labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
-        return BCEWithLogitsLoss()(logits.float(), labels.float())
+        return BCEWithLogitsLoss()(upcast(logits), labels.to(upcast_dtype(logits.dtype)))
 
 
 class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
@@ -740,7 +766,7 @@ class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
         loss = None
         if labels is not None:
             check_class_labels(labels, num_choices)
-            loss = CrossEntropyLoss()(logits.float(), labels)
+            loss = CrossEntropyLoss()(upcast(logits), labels)
         return MultipleChoiceModelOutput(
             loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
         )
@@ -779,7 +805,7 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         if labels is not None:
             labels = labels_of_real_tokens(labels, encoding)
             check_class_labels(labels, self.num_labels)
-            loss = CrossEntropyLoss()(token_logits.float(), labels)
+            loss = CrossEntropyLoss()(upcast(token_logits), labels)
         return TokenClassifierOutput(
             loss=loss,
             logits=encoding.pad(token_logits),
@@ -823,7 +849,7 @@ class MosaicBertForQuestionAnswering(MosaicBertPreTrainedModel):
             start_positions = start_positions.view(-1).clamp(0, ignored_index)
             end_positions = end_positions.view(-1).clamp(0, ignored_index)
             loss_fct = CrossEntropyLoss(ignore_index=ignored_index)
-            loss = (loss_fct(start_logits.float(), start_positions) + loss_fct(end_logits.float(), end_positions)) / 2
+            loss = (loss_fct(upcast(start_logits), start_positions) + loss_fct(upcast(end_logits), end_positions)) / 2
         return QuestionAnsweringModelOutput(
             loss=loss,
             start_logits=start_logits,

@@ -1,0 +1,643 @@
+"""Behaviour of the MosaicBERT model classes, pinned against the independent
+float64 reference in tests/reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference as ref
+from conftest import assert_close, build, make_config, ragged_batch, real_tokens
+from reference import Dims
+
+LENGTHS = [7, 1, 5, 3]  # ragged, includes a length-1 sequence
+
+
+def _models():
+    import modeling_mosaic_bert as m
+
+    return m
+
+
+# --------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------
+
+
+def test_config_defaults_match_spec():
+    from configuration_mosaic_bert import MosaicBertConfig
+
+    c = MosaicBertConfig()
+    assert c.model_type == "mosaic_bert"
+    expected = dict(
+        vocab_size=30528,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        initializer_range=0.02,
+        pad_token_id=0,
+        classifier_dropout=None,
+        alibi_starting_size=512,
+        attention_backend="auto",
+    )
+    for k, v in expected.items():
+        assert getattr(c, k) == v, f"{k}: {getattr(c, k)!r} != {v!r}"
+    assert c.tie_word_embeddings is True
+
+
+def test_config_round_trips_through_dict():
+    from configuration_mosaic_bert import MosaicBertConfig
+
+    c = MosaicBertConfig(hidden_size=48, num_attention_heads=12, alibi_starting_size=64, attention_backend="torch")
+    c2 = MosaicBertConfig.from_dict(c.to_dict())
+    assert c2.hidden_size == 48 and c2.alibi_starting_size == 64 and c2.attention_backend == "torch"
+
+
+def test_classes_have_bert_aliases():
+    m = _models()
+    for name in [
+        "Model",
+        "ForMaskedLM",
+        "ForSequenceClassification",
+        "ForMultipleChoice",
+        "ForTokenClassification",
+        "ForQuestionAnswering",
+    ]:
+        assert getattr(m, "Bert" + name) is getattr(m, "MosaicBert" + name)
+
+
+# --------------------------------------------------------------------------
+# Reference agreement (float64, eval)
+# --------------------------------------------------------------------------
+
+
+def test_base_model_matches_reference_hidden_states_and_attentions(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertModel, dims, "base", seed=1)
+    has_pooler = any(k.startswith("pooler.") for k in model.state_dict())
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=9)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True, output_attentions=True)
+    exp = ref.base(sd, dims, ids, mask, tt, with_pooler=has_pooler)
+    assert_close(out.last_hidden_state, exp["last_hidden_state"], msg="last_hidden_state (zeros at pads)")
+    assert len(out.hidden_states) == dims.num_hidden_layers + 1
+    for i, (a, e) in enumerate(zip(out.hidden_states, exp["hidden_states"])):
+        assert_close(a, e, msg=f"hidden_states[{i}]")
+    assert len(out.attentions) == dims.num_hidden_layers
+    for i, (a, e) in enumerate(zip(out.attentions, exp["attentions"])):
+        assert_close(a, e, msg=f"attentions[{i}] (B,heads,S,S), zero rows/cols at pads")
+    if has_pooler:
+        assert_close(out.pooler_output, exp["pooled"], msg="pooler_output")
+
+
+def test_masked_lm_logits_match_reference_at_real_tokens(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForMaskedLM, dims, "mlm")
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    exp = ref.mlm(sd, dims, ids, mask, tt)
+    assert out.logits.shape == (len(LENGTHS), 8, dims.vocab_size)
+    for b in range(len(LENGTHS)):
+        assert_close(real_tokens(out.logits, mask, b), real_tokens(exp["logits_full"], mask, b), msg=f"MLM logits seq {b}")
+
+
+def test_masked_lm_with_labels_returns_only_labelled_rows_and_mean_ce(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForMaskedLM, dims, "mlm")
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    g = torch.Generator().manual_seed(3)
+    labels = torch.full_like(ids, -100)
+    sel = (torch.rand(ids.shape, generator=g) < 0.5) & (mask == 1)
+    sel[1, 0] = True  # the length-1 sequence is labelled
+    labels[sel] = torch.randint(0, dims.vocab_size, (int(sel.sum()),), generator=g)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    exp = ref.mlm(sd, dims, ids, mask, tt, labels=labels)
+    n = int((labels != -100).sum())
+    assert out.logits.shape == (n, dims.vocab_size), "with labels, logits must be (N_labelled, V)"
+    assert_close(out.logits, exp["logits_labelled"], msg="labelled logits in row-major order")
+    assert_close(out.loss, exp["loss"], msg="MLM loss")
+
+
+def test_masked_lm_label_at_padded_position_raises(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertForMaskedLM, dims, "mlm")
+    ids, mask, tt = ragged_batch(dims, [4, 2], seqlen=4)
+    labels = torch.full_like(ids, -100)
+    labels[1, 3] = 5  # padded position
+    with pytest.raises(ValueError):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize(
+    "problem_type,num_labels",
+    [
+        (None, 1),  # inferred regression
+        (None, 3),  # inferred single-label (long labels)
+        ("multi_label_classification", 3),
+        ("regression", 1),
+        ("single_label_classification", 3),
+    ],
+)
+def test_sequence_classification_matches_reference(problem_type, num_labels):
+    m = _models()
+    d = Dims(num_labels=num_labels)
+    model, sd = build(m.MosaicBertForSequenceClassification, d, "seq", problem_type=problem_type)
+    ids, mask, tt = ragged_batch(d, LENGTHS, seqlen=9)
+    g = torch.Generator().manual_seed(5)
+    pt = problem_type or ("regression" if num_labels == 1 else "single_label_classification")
+    if pt == "regression":
+        labels = torch.randn(len(LENGTHS), generator=g, dtype=torch.float64)
+    elif pt == "single_label_classification":
+        labels = torch.randint(0, num_labels, (len(LENGTHS),), generator=g)
+    else:
+        labels = (torch.rand(len(LENGTHS), num_labels, generator=g) < 0.5).double()
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    exp = ref.seq_cls(sd, d, ids, mask, tt, labels=labels, problem_type=pt)
+    assert_close(out.logits, exp["logits"], msg="sequence classification logits")
+    assert_close(out.loss, exp["loss"], msg=f"loss ({pt})")
+
+
+def test_multiple_choice_matches_reference(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForMultipleChoice, dims, "mc")
+    B, C, S = 2, 3, 6
+    ids, mask, tt = ragged_batch(dims, [6, 1, 4, 2, 5, 3], seqlen=S)
+    ids, mask, tt = (t.reshape(B, C, S) for t in (ids, mask, tt))
+    labels = torch.tensor([2, 0])
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    exp = ref.multiple_choice(sd, dims, ids, mask, tt, labels=labels)
+    assert out.logits.shape == (B, C)
+    assert_close(out.logits, exp["logits"], msg="multiple choice logits")
+    assert_close(out.loss, exp["loss"], msg="multiple choice loss")
+
+
+def test_token_classification_matches_reference_with_zero_logits_at_pads(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForTokenClassification, dims, "tok")
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    labels = torch.randint(0, dims.num_labels, ids.shape).masked_fill(mask == 0, -100)
+    labels[0, 2] = -100
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    exp = ref.token_cls(sd, dims, ids, mask, tt, labels=labels)
+    assert out.logits.shape == (len(LENGTHS), 8, dims.num_labels)
+    assert_close(out.logits, exp["logits"], msg="token classification logits (zeros at pads)")
+    assert_close(out.loss, exp["loss"], msg="token classification loss")
+
+
+def test_token_classification_label_at_padded_position_raises(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertForTokenClassification, dims, "tok")
+    ids, mask, tt = ragged_batch(dims, [4, 2], seqlen=4)
+    labels = torch.full_like(ids, -100)
+    labels[1, 2] = 1
+    with pytest.raises(ValueError):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_question_answering_matches_reference_with_zero_logits_at_pads(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForQuestionAnswering, dims, "qa")
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    sp = torch.tensor([3, 0, 4, 1])
+    ep = torch.tensor([6, 0, 4, 2])
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, start_positions=sp, end_positions=ep)
+    exp = ref.question_answering(sd, dims, ids, mask, tt, sp, ep)
+    assert_close(out.start_logits, exp["start_logits"], msg="start_logits (zeros at pads)")
+    assert_close(out.end_logits, exp["end_logits"], msg="end_logits (zeros at pads)")
+    assert_close(out.loss, exp["loss"], msg="QA loss")
+
+
+def test_twelve_heads_non_power_of_two_matches_reference():
+    m = _models()
+    d = Dims(hidden_size=48, num_attention_heads=12, intermediate_size=64)
+    model, sd = build(m.MosaicBertForMaskedLM, d, "mlm")
+    ids, mask, tt = ragged_batch(d, [10, 4], seqlen=10)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    exp = ref.mlm(sd, d, ids, mask, tt)
+    for b in range(2):
+        assert_close(real_tokens(out.logits, mask, b), real_tokens(exp["logits_full"], mask, b), msg=f"12 heads seq {b}")
+
+
+def test_defaults_for_attention_mask_and_token_type_ids(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForMaskedLM, dims, "mlm")
+    ids, _, _ = ragged_batch(dims, [6, 6])
+    out = model(input_ids=ids)
+    exp = ref.mlm(sd, dims, ids)  # mask = all ones, token types = zeros
+    assert_close(out.logits, exp["logits_full"], msg="defaults")
+
+
+# --------------------------------------------------------------------------
+# Gradients vs reference
+# --------------------------------------------------------------------------
+
+
+def _param_grads_vs_reference(model, sd_keys_map, ref_loss_fn, model_loss):
+    params = dict(model.named_parameters())
+    model_grads = torch.autograd.grad(model_loss, list(params.values()), allow_unused=True)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    ref_sd = sd_keys_map(leaves)
+    loss = ref_loss_fn(ref_sd)
+    ref_grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    assert_close(model_loss, loss, msg="loss")
+    for (name, _), gm, gr in zip(params.items(), model_grads, ref_grads):
+        gm = torch.zeros_like(params[name]) if gm is None else gm
+        gr = torch.zeros_like(params[name]) if gr is None else gr
+        assert_close(gm, gr, atol=1e-8, rtol=1e-6, msg=f"grad of {name}")
+
+
+def test_masked_lm_parameter_gradients_match_reference(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForMaskedLM, dims, "mlm")
+    ids, mask, tt = ragged_batch(dims, [5, 1, 3], seqlen=6)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 1] = -100
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+
+    def keys_map(leaves):
+        s = dict(leaves)
+        s.setdefault("cls.predictions.decoder.weight", s["bert.embeddings.word_embeddings.weight"])
+        return s
+
+    _param_grads_vs_reference(
+        model, keys_map, lambda s: ref.mlm(s, dims, ids, mask, tt, labels=labels)["loss"], out.loss
+    )
+
+
+def test_sequence_classification_parameter_gradients_match_reference(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForSequenceClassification, dims, "seq")
+    ids, mask, tt = ragged_batch(dims, [5, 1, 3], seqlen=6)
+    labels = torch.tensor([0, 2, 1])
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    _param_grads_vs_reference(
+        model, dict, lambda s: ref.seq_cls(s, dims, ids, mask, tt, labels=labels)["loss"], out.loss
+    )
+
+
+def test_inputs_embeds_gradient_matches_reference(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForTokenClassification, dims, "tok")
+    ids, mask, tt = ragged_batch(dims, [5, 2, 4], seqlen=5)
+    emb = sd["bert.embeddings.word_embeddings.weight"][ids].clone().requires_grad_(True)
+    labels = torch.randint(0, dims.num_labels, ids.shape).masked_fill(mask == 0, -100)
+    out = model(inputs_embeds=emb, attention_mask=mask, token_type_ids=tt, labels=labels)
+    (g_model,) = torch.autograd.grad(out.loss, emb)
+    emb2 = emb.detach().clone().requires_grad_(True)
+    # reference with inputs_embeds
+    e = ref.encode(sd, dims, None, mask, tt, inputs_embeds=emb2)
+    logits = ref.linear(e["last_hidden_state"], sd["classifier.weight"], sd["classifier.bias"])
+    loss = ref.cross_entropy(logits, labels)
+    (g_ref,) = torch.autograd.grad(loss, emb2)
+    assert_close(out.loss, loss, msg="loss via inputs_embeds")
+    assert_close(g_model, g_ref, atol=1e-9, msg="d loss / d inputs_embeds (zeros at pads)")
+
+
+# --------------------------------------------------------------------------
+# ALiBi
+# --------------------------------------------------------------------------
+
+
+def _slopes_from_attention_probs(n_heads, head_dim=4):
+    """Zero Q/K projections => scores are the ALiBi bias alone; read slopes back."""
+    m = _models()
+    d = Dims(hidden_size=n_heads * head_dim, num_attention_heads=n_heads, intermediate_size=32)
+    cfg = make_config(d)
+    model = m.MosaicBertModel(cfg).double().eval()
+    H = d.hidden_size
+    with torch.no_grad():
+        w = model.encoder.layer[0].attention.self.Wqkv
+        w.weight[: 2 * H].zero_()
+        w.bias[: 2 * H].zero_()
+    ids = torch.randint(1, d.vocab_size, (1, 3))
+    out = model(input_ids=ids, output_attentions=True)
+    p = out.attentions[0][0]  # (heads, S, S)
+    slopes_01 = torch.log(p[:, 0, 0] / p[:, 0, 1])
+    slopes_02 = torch.log(p[:, 0, 0] / p[:, 0, 2]) / 2
+    torch.testing.assert_close(slopes_01, slopes_02, atol=1e-10, rtol=0)  # linear in distance
+    return slopes_01
+
+
+def test_alibi_slopes_eight_heads_exact():
+    s = _slopes_from_attention_probs(8)
+    exp = torch.tensor([2.0 ** -(h + 1) for h in range(8)], dtype=torch.float64)
+    torch.testing.assert_close(s, exp, atol=1e-10, rtol=0)
+
+
+def test_alibi_slopes_twelve_heads_exact():
+    s = _slopes_from_attention_probs(12)
+    exp = torch.tensor([2.0 ** -(h + 1) for h in range(8)] + [2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5], dtype=torch.float64)
+    torch.testing.assert_close(s, exp, atol=1e-10, rtol=0)
+    assert ref.alibi_slopes(12) == pytest.approx(exp.tolist(), abs=0)
+
+
+def test_alibi_has_no_state_dict_entries(dims):
+    m = _models()
+    model = m.MosaicBertForMaskedLM(make_config(dims))
+    assert not [k for k in model.state_dict() if "alibi" in k.lower()]
+
+
+def test_sequences_longer_than_alibi_starting_size_match_reference():
+    m = _models()
+    d = Dims(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    model, sd = build(m.MosaicBertForMaskedLM, d, "mlm", alibi_starting_size=8)
+    for lengths in ([20, 13], [5, 3], [30, 1]):  # grow, then shorter again, then longer
+        ids, mask, tt = ragged_batch(d, lengths)
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        exp = ref.mlm(sd, d, ids, mask, tt)
+        for b in range(len(lengths)):
+            assert_close(real_tokens(out.logits, mask, b), real_tokens(exp["logits_full"], mask, b), msg=f"{lengths} seq {b}")
+
+
+def test_length_600_with_default_alibi_starting_size():
+    m = _models()
+    d = Dims(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    model, sd = build(m.MosaicBertModel, d, "base", seed=2)
+    has_pooler = any(k.startswith("pooler.") for k in model.state_dict())
+    assert model.config.alibi_starting_size == 512
+    ids, mask, tt = ragged_batch(d, [600, 300])
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    exp = ref.base(sd, d, ids, mask, tt, with_pooler=has_pooler)
+    assert_close(out.last_hidden_state, exp["last_hidden_state"], msg="length 600")
+
+
+# --------------------------------------------------------------------------
+# Batch invariance / padding placement (fp32)
+# --------------------------------------------------------------------------
+
+
+def test_batch_invariance_fp32(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertForMaskedLM, dims, "mlm", dtype=torch.float32)
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=10)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        for b, L in enumerate(LENGTHS):
+            alone = model(input_ids=ids[b : b + 1, :L], token_type_ids=tt[b : b + 1, :L]).logits[0]
+            torch.testing.assert_close(batched[b, :L], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["left", "middle"])
+def test_left_and_middle_padding_equal_right_padding(dims, padding):
+    m = _models()
+    model, sd = build(m.MosaicBertForSequenceClassification, dims, "seq", dtype=torch.float32)
+    lengths = [6, 1, 4]
+    ids_r, mask_r, tt_r = ragged_batch(dims, lengths, seqlen=9, padding="right", garbage_pads=False)
+    ids_o, mask_o, tt_o = ragged_batch(dims, lengths, seqlen=9, padding=padding, seed=11)
+    # put the same real tokens into the other layout
+    for b in range(len(lengths)):
+        ids_o[b][mask_o[b] == 1] = real_tokens(ids_r, mask_r, b)
+        tt_o[b][mask_o[b] == 1] = real_tokens(tt_r, mask_r, b)
+    with torch.no_grad():
+        r = model(input_ids=ids_r, attention_mask=mask_r, token_type_ids=tt_r, output_hidden_states=True)
+        o = model(input_ids=ids_o, attention_mask=mask_o, token_type_ids=tt_o, output_hidden_states=True)
+    for b in range(len(lengths)):
+        torch.testing.assert_close(
+            real_tokens(o.hidden_states[-1], mask_o, b), real_tokens(r.hidden_states[-1], mask_r, b), atol=1e-5, rtol=1e-5
+        )
+    # pooler reads the first REAL token
+    torch.testing.assert_close(o.logits, r.logits, atol=1e-5, rtol=1e-5)
+    # pads are zeros
+    assert torch.all(o.hidden_states[-1][mask_o == 0] == 0)
+
+
+def test_middle_padding_matches_reference_float64(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForQuestionAnswering, dims, "qa")
+    ids, mask, tt = ragged_batch(dims, [6, 1, 4], seqlen=9, padding="middle")
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    exp = ref.question_answering(sd, dims, ids, mask, tt)
+    assert_close(out.start_logits, exp["start_logits"], msg="middle padding start logits")
+    assert_close(out.end_logits, exp["end_logits"], msg="middle padding end logits")
+
+
+def test_pad_token_contents_do_not_affect_outputs(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertForMaskedLM, dims, "mlm", dtype=torch.float32)
+    ids, mask, tt = ragged_batch(dims, [5, 2], seqlen=7)
+    ids2 = ids.clone()
+    ids2[mask == 0] = (ids2[mask == 0] + 17) % dims.vocab_size
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        b = model(input_ids=ids2, attention_mask=mask, token_type_ids=tt).logits
+    assert torch.equal(a[mask == 1], b[mask == 1])
+
+
+# --------------------------------------------------------------------------
+# Input paths, output formats
+# --------------------------------------------------------------------------
+
+
+def test_inputs_embeds_equals_input_ids(dims):
+    m = _models()
+    model, sd = build(m.MosaicBertForMaskedLM, dims, "mlm")
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    a = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+    emb = model.get_input_embeddings()(ids)
+    b = model(inputs_embeds=emb, attention_mask=mask, token_type_ids=tt).logits
+    for i in range(len(LENGTHS)):
+        assert_close(real_tokens(b, mask, i), real_tokens(a, mask, i), atol=1e-12, msg="inputs_embeds vs input_ids")
+
+
+def test_attentions_on_torch_backend_rows_sum_to_one_and_zero_at_pads(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertModel, dims, "base", attention_backend="torch")
+    ids, mask, tt = ragged_batch(dims, [5, 2], seqlen=6)
+    out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    for a in out.attentions:
+        assert a.shape == (2, dims.num_attention_heads, 6, 6)
+        rows = a.sum(-1)  # (B, heads, S)
+        torch.testing.assert_close(rows, mask[:, None, :].expand_as(rows).double(), atol=1e-12, rtol=0)
+        pad = mask == 0
+        assert torch.all(a.permute(0, 2, 1, 3)[pad] == 0)  # pad query rows
+        assert torch.all(a.permute(0, 3, 1, 2)[pad] == 0)  # pad key cols
+
+
+def test_triton_backend_rejects_output_attentions(dims):
+    m = _models()
+    model = m.MosaicBertModel(make_config(dims, attention_backend="triton")).eval()
+    ids = torch.randint(1, dims.vocab_size, (1, 4))
+    with pytest.raises(ValueError):
+        model(input_ids=ids, output_attentions=True)
+
+
+def test_return_dict_false_gives_tuples_with_loss_first(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertForSequenceClassification, dims, "seq")
+    ids, mask, tt = ragged_batch(dims, [4, 2])
+    labels = torch.tensor([1, 0])
+    d = model(input_ids=ids, attention_mask=mask, labels=labels)
+    t = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(t, tuple)
+    assert_close(t[0], d.loss, msg="tuple[0] is loss")
+    assert_close(t[1], d.logits, msg="tuple[1] is logits")
+    t2 = model(input_ids=ids, attention_mask=mask, return_dict=False)
+    assert_close(t2[0], d.logits, msg="without labels tuple[0] is logits")
+
+    qa, _ = build(m.MosaicBertForQuestionAnswering, dims, "qa")
+    dq = qa(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([1, 0]), end_positions=torch.tensor([2, 1]))
+    tq = qa(
+        input_ids=ids, attention_mask=mask, start_positions=torch.tensor([1, 0]), end_positions=torch.tensor([2, 1]), return_dict=False
+    )
+    assert_close(tq[0], dq.loss)
+    assert_close(tq[1], dq.start_logits)
+    assert_close(tq[2], dq.end_logits)
+
+    base, _ = build(m.MosaicBertModel, dims, "base")
+    db = base(input_ids=ids, attention_mask=mask)
+    tb = base(input_ids=ids, attention_mask=mask, return_dict=False)
+    assert_close(tb[0], db.last_hidden_state)
+
+
+def test_dropout_active_in_train_mode_only(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertForMaskedLM, dims, "mlm", dtype=torch.float32, hidden_dropout_prob=0.5)
+    ids, mask, tt = ragged_batch(dims, [6, 3])
+    with torch.no_grad():
+        e1 = model(input_ids=ids, attention_mask=mask).logits
+        e2 = model(input_ids=ids, attention_mask=mask).logits
+        model.train()
+        t1 = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(e1[mask == 1], e2[mask == 1])
+    assert not torch.allclose(t1[mask == 1], e1[mask == 1])
+
+
+# --------------------------------------------------------------------------
+# Structure, meta device, init, tying, resize
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls_name,has_pooler",
+    [
+        ("MosaicBertForMaskedLM", False),
+        ("MosaicBertForTokenClassification", False),
+        ("MosaicBertForQuestionAnswering", False),
+        ("MosaicBertForSequenceClassification", True),
+        ("MosaicBertForMultipleChoice", True),
+    ],
+)
+def test_pooler_present_only_where_specified(dims, cls_name, has_pooler):
+    m = _models()
+    model = getattr(m, cls_name)(make_config(dims))
+    keys = model.state_dict().keys()
+    assert any(k.startswith("bert.pooler.") for k in keys) == has_pooler
+
+
+def test_state_dict_keys_are_exactly_the_original_layout(dims):
+    m = _models()
+    model = m.MosaicBertForMaskedLM(make_config(dims))
+    expected = set(ref.encoder_keys(dims)) | set(ref.head_keys(dims, "mlm"))
+    assert set(model.state_dict().keys()) == expected
+
+
+def test_meta_device_construction(dims):
+    m = _models()
+    cfg = make_config(dims)
+    with torch.device("meta"):
+        model = m.MosaicBertForMaskedLM(cfg)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    cpu = m.MosaicBertForMaskedLM(cfg)
+    assert set(model.state_dict()) == set(cpu.state_dict())
+
+
+def test_weight_init_like_bert():
+    m = _models()
+    d = Dims(hidden_size=64, intermediate_size=128, vocab_size=1000, num_labels=3)
+    init = 0.05
+    model = m.MosaicBertForSequenceClassification(make_config(d, initializer_range=init))
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert abs(mod.weight.std().item() - init) < 0.2 * init, f"{name}.weight std {mod.weight.std().item()}"
+            assert abs(mod.weight.mean().item()) < 0.2 * init
+            if mod.bias is not None:
+                assert torch.all(mod.bias == 0), f"{name}.bias not zero"
+        elif isinstance(mod, torch.nn.LayerNorm):
+            assert torch.all(mod.weight == 1) and torch.all(mod.bias == 0), name
+        elif isinstance(mod, torch.nn.Embedding):
+            w = mod.weight
+            if mod.padding_idx is not None:
+                assert torch.all(w[mod.padding_idx] == 0), f"{name} padding row not zero"
+            rows = [i for i in range(w.shape[0]) if i != mod.padding_idx]
+            assert abs(w[rows].std().item() - init) < 0.2 * init, f"{name}.weight std {w[rows].std().item()}"
+    assert model.bert.embeddings.word_embeddings.padding_idx == d.pad_token_id
+
+
+def test_decoder_weight_tied_to_word_embeddings(dims):
+    m = _models()
+    model = m.MosaicBertForMaskedLM(make_config(dims))
+    dec = model.cls.predictions.decoder
+    emb = model.bert.embeddings.word_embeddings
+    assert dec.weight.data_ptr() == emb.weight.data_ptr()
+    assert model.get_output_embeddings() is dec
+    assert dec.bias is not None and dec.bias.shape == (dims.vocab_size,)
+
+
+@pytest.mark.parametrize("new_size", [110, 50])
+def test_resize_token_embeddings_resizes_decoder_and_bias_and_keeps_tying(dims, new_size):
+    m = _models()
+    model, sd = build(m.MosaicBertForMaskedLM, dims, "mlm", dtype=torch.float32)
+    old_bias = model.cls.predictions.decoder.bias.detach().clone()
+    model.resize_token_embeddings(new_size)
+    dec = model.cls.predictions.decoder
+    emb = model.bert.embeddings.word_embeddings
+    assert emb.weight.shape == (new_size, dims.hidden_size)
+    assert dec.weight.shape == (new_size, dims.hidden_size)
+    assert dec.bias.shape == (new_size,)
+    assert dec.weight.data_ptr() == emb.weight.data_ptr(), "tying lost after resize"
+    keep = min(new_size, dims.vocab_size)
+    torch.testing.assert_close(dec.bias[:keep].detach(), old_bias[:keep])
+    assert model.config.vocab_size == new_size
+    ids = torch.randint(1, min(new_size, dims.vocab_size), (2, 5))
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    assert out.logits.shape == (2, 5, new_size)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "seq_regression", "seq", "seq_multi", "mc", "tok", "qa"])
+def test_loss_is_not_downcast_below_model_dtype(kind):
+    """A float64 model must produce a float64 loss (upcasting half precision is fine, downcasting is not)."""
+    m = _models()
+    d = Dims(num_labels=1 if kind == "seq_regression" else 3)
+    ids, mask, tt = ragged_batch(d, [4, 2, 3, 1], seqlen=4)
+    if kind == "mlm":
+        model, _ = build(m.MosaicBertForMaskedLM, d, "mlm")
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    elif kind.startswith("seq"):
+        model, _ = build(m.MosaicBertForSequenceClassification, d, "seq")
+        labels = {
+            "seq_regression": torch.randn(4, dtype=torch.float64),
+            "seq": torch.tensor([0, 1, 2, 0]),
+            "seq_multi": torch.ones(4, 3, dtype=torch.float64),
+        }[kind]
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    elif kind == "mc":
+        model, _ = build(m.MosaicBertForMultipleChoice, d, "mc")
+        out = model(input_ids=ids.view(2, 2, 4), attention_mask=mask.view(2, 2, 4), labels=torch.tensor([0, 1]))
+    elif kind == "tok":
+        model, _ = build(m.MosaicBertForTokenClassification, d, "tok")
+        out = model(input_ids=ids, attention_mask=mask, labels=torch.zeros_like(ids).masked_fill(mask == 0, -100))
+    else:
+        model, _ = build(m.MosaicBertForQuestionAnswering, d, "qa")
+        z = torch.zeros(4, dtype=torch.long)
+        out = model(input_ids=ids, attention_mask=mask, start_positions=z, end_positions=z)
+    assert out.loss.dtype == torch.float64, f"loss computed in {out.loss.dtype}"
+
+
+def test_masked_lm_return_dict_false_with_labels(dims):
+    m = _models()
+    model, _ = build(m.MosaicBertForMaskedLM, dims, "mlm")
+    ids, mask, tt = ragged_batch(dims, [4, 2])
+    labels = ids.masked_fill(mask == 0, -100)
+    d = model(input_ids=ids, attention_mask=mask, labels=labels)
+    t = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(t, tuple)
+    assert_close(t[0], d.loss)
+    assert_close(t[1], d.logits)
