@@ -75,6 +75,8 @@ class MosaicBertEmbeddings(nn.Module):
         input_ids when given. Returns (total_tokens, hidden)."""
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
+        else:
+            inputs_embeds = inputs_embeds.to(self.word_embeddings.weight.dtype)
         embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(embeddings))
 
@@ -662,7 +664,8 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             targets = labels[labelled]
             check_class_labels(targets, self.config.vocab_size)
             logits = self.cls(encoding.hidden_states[labelled])
-            loss = F.cross_entropy(upcast(logits), targets)
+            # A batch with nothing labelled contributes a zero loss (not NaN) that still reaches every head weight.
+            loss = F.cross_entropy(upcast(logits), targets) if targets.numel() else upcast(logits).sum()
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
         )
@@ -712,8 +715,11 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
                 self.config.problem_type = "single_label_classification"
             else:
                 self.config.problem_type = "multi_label_classification"
-        if labels.shape[0] != logits.shape[0]:
-            raise ValueError(f"labels hold {labels.shape[0]} rows for a batch of {logits.shape[0]}")
+        if self.config.problem_type in ("regression", "single_label_classification"):
+            if tuple(labels.shape) not in ((logits.shape[0],), (logits.shape[0], 1)):
+                raise ValueError(
+                    f"{self.config.problem_type} labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}"
+                )
         if self.config.problem_type == "regression":
             return MSELoss()(upcast(logits).squeeze(-1), labels.view(-1).to(upcast_dtype(logits.dtype)))
         if self.config.problem_type == "single_label_classification":
@@ -765,6 +771,8 @@ class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
         logits = self.classifier(self.dropout(pooled)).view(-1, num_choices)
         loss = None
         if labels is not None:
+            if tuple(labels.shape) != (logits.shape[0],):
+                raise ValueError(f"labels must have shape ({logits.shape[0]},), one choice index per example")
             check_class_labels(labels, num_choices)
             loss = CrossEntropyLoss()(upcast(logits), labels)
         return MultipleChoiceModelOutput(
@@ -846,6 +854,9 @@ class MosaicBertForQuestionAnswering(MosaicBertPreTrainedModel):
         loss = None
         if start_positions is not None and end_positions is not None:
             ignored_index = start_logits.shape[1]
+            for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+                if positions.numel() != start_logits.shape[0]:
+                    raise ValueError(f"{name} must hold one position per example ({start_logits.shape[0]})")
             start_positions = start_positions.view(-1).clamp(0, ignored_index)
             end_positions = end_positions.view(-1).clamp(0, ignored_index)
             loss_fct = CrossEntropyLoss(ignore_index=ignored_index)
