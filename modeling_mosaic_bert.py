@@ -144,13 +144,14 @@ def torch_varlen_attention(
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Attention within each sequence of an unpadded batch, on PyTorch.
 
-    Sequences of equal length are batched into one scaled_dot_product_attention call with their (heads, L, L) ALiBi
-    bias, so no (batch, heads, max_len, max_len) tensor is built and padding costs nothing.
+    Sequences of equal length are batched into one scaled_dot_product_attention call with the (1, heads, L, L) ALiBi
+    bias of that length (a slice of one bias built for the longest sequence), so no (batch, heads, max_len, max_len)
+    tensor is built and padding costs nothing. A length held by one sequence only attends on views of its rows.
 
     Args:
         query, key, value: (total_tokens, heads, head_dim).
         cu_seqlens: (batch + 1,) int32 sequence boundaries.
-        slopes: (heads,) float32 ALiBi slopes.
+        slopes: (heads,) ALiBi slopes.
         dropout_p: dropout on the attention probabilities.
         output_attentions: also return each sequence's probabilities.
 
@@ -159,31 +160,35 @@ def torch_varlen_attention(
         batch order (else None).
     """
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    starts = cu_seqlens[:-1].long()
+    starts = cu_seqlens[:-1].tolist()
+    if max(lengths) == 0:
+        return query.new_zeros(query.shape), [None] * len(lengths) if output_attentions else None
+    full_bias = alibi_bias(slopes, max(lengths), query.dtype)[None]  # (1, heads, max_len, max_len)
+    outputs = [None] * len(lengths)  # per sequence, (length, heads, head_dim)
     probabilities = [None] * len(lengths) if output_attentions else None
-    pieces, rows = [], []
     for length in sorted(set(lengths) - {0}):
         seq_ids = [b for b, seq_len in enumerate(lengths) if seq_len == length]
-        # (n, length) token rows of the sequences of this length
-        token_rows = starts[seq_ids, None] + torch.arange(length, device=query.device)
-        q, k, v = (t[token_rows].transpose(1, 2) for t in (query, key, value))  # (n, heads, length, head_dim)
-        bias = alibi_bias(slopes, length, query.dtype)
+
+        def rows_of_this_length(t: torch.Tensor) -> torch.Tensor:
+            """(total_tokens, heads, head_dim) -> (n, heads, length, head_dim), a view where the rows allow."""
+            if len(seq_ids) == len(lengths):
+                return t.view(len(seq_ids), length, *t.shape[1:]).transpose(1, 2)
+            return torch.stack([t[starts[b] : starts[b] + length] for b in seq_ids]).transpose(1, 2)
+
+        q, k, v = rows_of_this_length(query), rows_of_this_length(key), rows_of_this_length(value)
+        bias = full_bias[..., :length, :length]
         if output_attentions:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
-            probs = scores.softmax(dim=-1)
+            probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias).softmax(dim=-1)
             out = F.dropout(probs, p=dropout_p) @ v
             for i, b in enumerate(seq_ids):
                 probabilities[b] = probs[i]
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-        pieces.append(out.transpose(1, 2).flatten(0, 1))
-        rows.append(token_rows.flatten())
-    if len(pieces) == 1 and rows[0].numel() == query.shape[0]:
-        return pieces[0], probabilities  # one length: the rows are already in order
-    if not pieces:
-        return query.new_zeros(query.shape), probabilities
-    context = torch.cat(pieces).new_empty(query.shape).index_copy(0, torch.cat(rows), torch.cat(pieces))
-    return context, probabilities
+        for i, b in enumerate(seq_ids):
+            outputs[b] = out[i].transpose(0, 1)
+    if len(set(lengths)) == 1:  # one length: the sequences' rows are already in order
+        return out.transpose(1, 2).flatten(0, 1), probabilities
+    return torch.cat([o for o in outputs if o is not None]), probabilities
 
 
 class MosaicBertSelfAttention(nn.Module):
@@ -392,10 +397,12 @@ class UnpaddedEncoding:
 
     def first_token_states(self) -> torch.Tensor:
         """(batch, hidden): each sequence's first real token; zeros for a sequence with no real token."""
-        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-        with_zero_row = F.pad(self.hidden_states, (0, 0, 0, 1))
-        rows = torch.where(lengths > 0, self.cu_seqlens[:-1], self.hidden_states.shape[0])
-        return with_zero_row[rows.long()]
+        total_tokens = self.hidden_states.shape[0]
+        if total_tokens == 0:
+            return self.hidden_states.new_zeros(self.batch_size, self.hidden_states.shape[1])
+        rows = self.cu_seqlens[:-1].clamp(max=total_tokens - 1).long()
+        has_tokens = (self.cu_seqlens[1:] > self.cu_seqlens[:-1]).unsqueeze(-1)
+        return self.hidden_states[rows] * has_tokens.to(self.hidden_states.dtype)
 
     def padded_hidden_states(self) -> tuple[torch.Tensor, ...] | None:
         if self.all_hidden_states is None:
