@@ -1,0 +1,302 @@
+"""Tests of flash_attn_triton.py against a float64 PyTorch reference computed on CPU.
+
+Two groups:
+* interpreter tests run the Triton kernels on CPU tensors; they need
+  TRITON_INTERPRET=1 in the environment before Python starts (Triton reads it when
+  the kernels are decorated, i.e. when flash_attn_triton is imported):
+      TRITON_INTERPRET=1 python -m pytest -q tests/test_flash_attn_triton.py
+* GPU tests need CUDA (and no TRITON_INTERPRET); fp16 / bf16, long sequences,
+  torch.compile.
+The unsupported_reason tests run in every mode.
+
+Every check draws fresh random inputs (its own seed), poisons the kernel outputs
+with NaN, and compares out, dq, dk, dv by relative error ||x - ref|| / ||ref||.
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flash_attn_triton as fa  # noqa: E402
+
+INTERPRET = fa._interpreting()
+HAS_CUDA = torch.cuda.is_available() and not INTERPRET
+
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET,
+    reason="interpreter tests need TRITON_INTERPRET=1 set before flash_attn_triton is imported")
+needs_gpu = pytest.mark.skipif(
+    not HAS_CUDA, reason="GPU tests need CUDA (and TRITON_INTERPRET unset)")
+
+
+# ---------------------------------------------------------------- helpers
+
+def make_inputs(lens, heads, head_dim, dtype, device, seed, packed=True, alibi=True):
+    """q, k, v as views of one packed (T, 3, H, D) tensor (like the model), or as three
+    separate contiguous tensors; cu_seqlens, max_seqlen, slopes (or None), dout."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lens)
+    if packed:
+        qkv = torch.randn(total, 3, heads, head_dim, generator=gen).to(dtype=dtype, device=device)
+        q, k, v = qkv.unbind(1)
+    else:
+        q, k, v = (torch.randn(total, heads, head_dim, generator=gen).to(dtype=dtype, device=device)
+                   for _ in range(3))
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    slopes = None
+    if alibi:
+        # the model's ALiBi slopes 2^(-8 h / H), shuffled and jittered so heads differ
+        base = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+        slopes = (base[torch.randperm(heads, generator=gen)]
+                  * (0.5 + torch.rand(heads, generator=gen))).float().to(device)
+    dout = torch.randn(total, heads, head_dim, generator=gen).to(dtype=dtype, device=device)
+    return q, k, v, cu.to(device), max(lens) if lens else 0, slopes, dout
+
+
+def reference(q, k, v, cu, slopes, scale, dout):
+    """float64 CPU attention per sequence with ALiBi; returns out, dq, dk, dv.
+    Sequences of equal length are batched together (fast for many short ones)."""
+    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    cu = cu.cpu().tolist()
+    groups = {}
+    for b in range(len(cu) - 1):
+        if cu[b + 1] > cu[b]:
+            groups.setdefault(cu[b + 1] - cu[b], []).append(cu[b])
+    pieces, index = [], []
+    for length, starts in groups.items():
+        idx = torch.tensor(starts)[:, None] + torch.arange(length)[None, :]   # (n, L)
+        qq, kk, vv = (t[idx].permute(0, 2, 1, 3) for t in (q, k, v))        # (n, H, L, D)
+        scores = qq @ kk.transpose(-1, -2) * scale
+        if slopes is not None:
+            pos = torch.arange(length, dtype=torch.float64)
+            dist = (pos[:, None] - pos[None, :]).abs()
+            scores = scores - slopes.cpu().double()[None, :, None, None] * dist
+        out = scores.softmax(-1) @ vv
+        pieces.append(out.permute(0, 2, 1, 3).reshape(-1, q.shape[1], q.shape[2]))
+        index.append(idx.reshape(-1))
+    out = torch.zeros_like(q)
+    if pieces:
+        out = out.index_copy(0, torch.cat(index), torch.cat(pieces))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.cpu().double(), allow_unused=True)
+    dq, dk, dv = (torch.zeros_like(q) if g is None else g for g in (dq, dk, dv))
+    return out.detach(), dq, dk, dv
+
+
+def run_kernel(q, k, v, cu, max_seqlen, slopes, dout, scale=None):
+    """Kernel forward + backward with NaN-poisoned outputs; results on CPU."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    fa._POISON_OUTPUTS = True
+    try:
+        out = fa.flash_attn_varlen_func(q, k, v, cu, max_seqlen, alibi_slopes=slopes,
+                                        softmax_scale=scale)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    finally:
+        fa._POISON_OUTPUTS = False
+    return [t.detach().cpu() for t in (out, dq, dk, dv)]
+
+
+def rel_err(x, ref):
+    x = x.double()
+    assert torch.isfinite(x).all(), "NaN/inf in kernel output (unwritten or overflow)"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(lens, heads, head_dim, dtype, device, seed, bound, packed=True, alibi=True, scale=None):
+    q, k, v, cu, max_seqlen, slopes, dout = make_inputs(
+        lens, heads, head_dim, dtype, device, seed, packed=packed, alibi=alibi)
+    got = run_kernel(q, k, v, cu, max_seqlen, slopes, dout, scale)
+    ref = reference(q, k, v, cu, slopes, scale if scale else 1.0 / math.sqrt(head_dim), dout)
+    errs = {name: rel_err(g, r) for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+    print(f"\nRELERR dtype={dtype} hd={head_dim} alibi={alibi} lens={lens[:8]}"
+          f"{'...' if len(lens) > 8 else ''} " + " ".join(f"{n}={e:.2e}" for n, e in errs.items()))
+    assert got[0].shape == q.shape and got[0].is_contiguous()
+    for name, e in errs.items():
+        assert e < bound, f"{name}: relative error {e:.3e} >= {bound:.1e}"
+    return errs
+
+
+# ---------------------------------------------------------------- interpreter (CPU)
+
+RAGGED_SMALL = [1, 7, 127, 128, 129]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("alibi", [True, False])
+def test_interp_fp32_fwd_bwd_relerr_below_1e4(head_dim, alibi):
+    """fp32 in the interpreter (numpy products, no tf32): out, dq, dk, dv within 1e-4."""
+    check(RAGGED_SMALL, 2, head_dim, torch.float32, "cpu", seed=head_dim + alibi, bound=1e-4,
+          alibi=alibi)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("alibi", [True, False])
+def test_interp_fp16_fwd_bwd_relerr_below_1e3(head_dim, alibi):
+    """fp16 inputs, fp32 accumulation: out, dq, dk, dv within 1e-3 (measured ~3e-4)."""
+    check([129, 1, 64, 7], 2, head_dim, torch.float16, "cpu", seed=100 + head_dim + alibi,
+          bound=1e-3, alibi=alibi)
+
+
+@needs_interpreter
+def test_interp_separate_contiguous_inputs_custom_scale_relerr_below_1e4():
+    """q, k, v as three contiguous tensors, softmax_scale given, more heads."""
+    check([65, 3, 200], 3, 32, torch.float32, "cpu", seed=7, bound=1e-4, packed=False, scale=0.3)
+
+
+@needs_interpreter
+def test_interp_empty_sequences_in_batch_relerr_below_1e4():
+    """Zero-length sequences inside the batch are skipped; everything else written."""
+    check([0, 5, 0, 130, 0], 2, 32, torch.float32, "cpu", seed=11, bound=1e-4)
+
+
+@needs_interpreter
+def test_interp_single_token_batch_relerr_below_1e4():
+    """Only length-1 sequences: softmax over one key returns v, dv = dout, dq = dk = 0
+    (up to fp32 rounding of dP - delta)."""
+    q, k, v, cu, max_seqlen, slopes, dout = make_inputs([1, 1, 1], 2, 64, torch.float32, "cpu", 3)
+    out, dq, dk, dv = run_kernel(q, k, v, cu, max_seqlen, slopes, dout)
+    torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dv, dout, rtol=0, atol=1e-6)
+    assert dq.abs().max() < 1e-5 and dk.abs().max() < 1e-5
+
+
+@needs_interpreter
+def test_interp_opcheck_custom_op_registration():
+    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration."""
+    q, k, v, cu, max_seqlen, slopes, _ = make_inputs([5, 17], 2, 16, torch.float32, "cpu", 5)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.mosaic_bert.flash_attn_varlen_fwd.default,
+                          (q, k, v, cu, max_seqlen, slopes, 0.25))
+
+
+# ---------------------------------------------------------------- GPU
+
+# measured (H200, triton 3.6): fp16 out/grads <= 3.1e-4, bf16 <= 2.5e-3
+GPU_BOUNDS = {torch.float16: 1e-3, torch.bfloat16: 6e-3}
+
+
+@needs_gpu
+def test_gpu_unsupported_inputs_raise_value_error():
+    q, k, v, cu, max_seqlen, slopes, _ = make_inputs([4, 9], 2, 64, torch.float16, "cuda", 41)
+    with pytest.raises(ValueError, match="dtype"):
+        fa.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu, max_seqlen)
+    with pytest.raises(ValueError, match="CUDA"):
+        fa.flash_attn_varlen_func(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), max_seqlen)
+    with pytest.raises(ValueError, match="head_dim"):
+        fa.flash_attn_varlen_func(q[..., :48], k[..., :48], v[..., :48], cu, max_seqlen)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fa.flash_attn_varlen_func(q, k, v, cu.long(), max_seqlen)
+
+
+@needs_gpu
+def test_gpu_torch_compile_fullgraph_matches_eager():
+    """A small function calling the op compiles with fullgraph=True; forward and
+    backward agree with eager to rounding."""
+    lens = [33, 1, 257, 128]
+    q, k, v, cu, max_seqlen, slopes, dout = make_inputs(lens, 4, 64, torch.bfloat16, "cuda", 31)
+    qkv = torch.stack((q, k, v), 1).detach()
+
+    def attn(qkv, cu, slopes):
+        q, k, v = qkv.unbind(1)
+        out = fa.flash_attn_varlen_func(q, k, v, cu, max_seqlen, alibi_slopes=slopes)
+        return out * 2.0
+
+    compiled = torch.compile(attn, fullgraph=True)
+    results = []
+    for fn in (attn, compiled):
+        x = qkv.clone().requires_grad_()
+        out = fn(x, cu, slopes)
+        (grad,) = torch.autograd.grad(out, (x,), dout)
+        results.append((out.float(), grad.float()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-2, atol=1e-2)
+    ref_out = reference(q, k, v, cu, slopes, 1 / 8.0, dout)[0]
+    assert rel_err(results[1][0].cpu() / 2.0, ref_out) < GPU_BOUNDS[torch.bfloat16]
+
+
+@needs_gpu
+def test_gpu_fp32_inputs_tf32_relerr_below_1e2():
+    """fp32 inputs go through tf32 tensor-core products on the GPU."""
+    check([3, 200, 77], 2, 64, torch.float32, "cuda", seed=21, bound=1e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("alibi", [True, False])
+def test_gpu_ragged_fwd_bwd_relerr_fp16_below_1e3_bf16_below_6e3(dtype, head_dim, alibi):
+    lens = [1, 7, 127, 128, 129, 1000, 300, 64]
+    check(lens, 3, head_dim, dtype, "cuda", seed=1000 + head_dim + 7 * alibi,
+          bound=GPU_BOUNDS[dtype], alibi=alibi)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_mixed_1_and_8192_relerr_fp16_below_1e3_bf16_below_6e3(dtype):
+    """One batch mixing length-1 sequences with an 8192-token one."""
+    check([1, 8192, 1, 517, 1], 2, 64, dtype, "cuda", seed=77, bound=GPU_BOUNDS[dtype])
+
+
+@needs_gpu
+def test_gpu_many_short_sequences_relerr_below_6e3():
+    """Many sequences (grid larger than 65535 programs along batch * heads)."""
+    gen = torch.Generator().manual_seed(5)
+    lens = torch.randint(1, 40, (6000,), generator=gen).tolist()
+    check(lens, 12, 32, torch.bfloat16, "cuda", seed=6, bound=GPU_BOUNDS[torch.bfloat16])
+
+
+# ---------------------------------------------------------------- unsupported_reason
+
+def _device_for_checks():
+    if INTERPRET:
+        return "cpu"
+    if HAS_CUDA:
+        return "cuda"
+    pytest.skip("no device the kernels accept: needs CUDA or TRITON_INTERPRET=1")
+
+
+def test_unsupported_reason_accepts_valid_inputs():
+    dev = _device_for_checks()
+    q, k, v, cu, _, slopes, _ = make_inputs([3, 4], 2, 64, torch.float16, dev, 1)
+    assert fa.unsupported_reason(q, k, v, cu, slopes) is None
+    assert fa.unsupported_reason(q, k, v, cu) is None
+
+
+def test_unsupported_reason_explains_bad_inputs():
+    dev = _device_for_checks()
+    q, k, v, cu, _, slopes, _ = make_inputs([3, 4], 2, 64, torch.float16, dev, 2)
+    cases = {
+        "dtype": (q.double(), k.double(), v.double(), cu, slopes),
+        "share one dtype": (q, k.float(), v, cu, slopes),
+        "head_dim": (q[..., :48], k[..., :48], v[..., :48], cu, slopes),
+        "unit stride": (q.transpose(1, 2).contiguous().transpose(1, 2),) * 3 + (cu, slopes),
+        "one shape": (q, k[:5], v, cu, slopes),
+        "cu_seqlens": (q, k, v, cu.long(), slopes),
+        "alibi_slopes must have shape": (q, k, v, cu, slopes[:1]),
+        "alibi_slopes must be float32": (q, k, v, cu, slopes.double()),
+        "(total_tokens, heads, head_dim)": (q[0], k[0], v[0], cu, slopes),
+    }
+    for expected, args in cases.items():
+        reason = fa.unsupported_reason(*args)
+        assert reason is not None and expected in reason, (expected, reason)
+
+
+def test_unsupported_reason_wrong_device():
+    q = k = v = torch.randn(5, 2, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    reason = fa.unsupported_reason(q, k, v, cu)
+    if INTERPRET:
+        assert reason is None
+        reason = fa.unsupported_reason(q, k, v, cu.to("meta"))
+        assert reason is not None and "cu_seqlens is on" in reason
+        assert "bfloat16" in fa.unsupported_reason(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu)
+    else:
+        assert reason is not None and "CUDA" in reason
+        with pytest.raises(ValueError, match="CUDA"):
+            fa.flash_attn_varlen_func(q, k, v, cu, 5)
