@@ -1,0 +1,423 @@
+"""GLUE fine-tuning of MosaicBERT with the Hugging Face Trainer, MosaicBERT's per-task recipe as defaults.
+
+Per-task defaults follow mosaicml/examples `bert/src/glue/finetuning_jobs.py` (max length 256, AdamW betas
+(0.9, 0.98), eps 1e-6, decoupled weight decay, linear warm-up over 6% of the steps then linear decay to 0).  RTE,
+MRPC and STS-B start from an MNLI-fine-tuned checkpoint in that recipe (`--init-from-mnli`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+
+from . import REPO_ROOT
+from .common import (
+    bf16_available,
+    finalize_hub_folder,
+    hardware_description,
+    import_model_code,
+    is_main_process,
+    load_config,
+    load_tokenizer,
+    setup_logging,
+    world_size,
+    write_json,
+)
+from .data import GLUE_TASKS, GlueDataset, canonical_task, load_glue_split
+from .pretraining import torch_weight_decay
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    learning_rate: float
+    epochs: float
+    batch_size: int  # global batch size
+    weight_decay: float  # decoupled (MosaicML) units: multiplied by the schedule factor, not by the lr
+
+
+# mosaicml/examples bert/src/glue/finetuning_jobs.py (weight decay = lr / 10, except RTE: 1e-5).  WNLI is not part of
+# MosaicBERT's GLUE runs; it gets RTE-like small-data settings with the usual lr/10 decay.
+TASK_RECIPES: dict[str, TaskRecipe] = {
+    "mnli": TaskRecipe(5e-5, 3, 48, 5e-6),
+    "qnli": TaskRecipe(1e-5, 10, 16, 1e-6),
+    "qqp": TaskRecipe(3e-5, 5, 16, 3e-6),
+    "sst2": TaskRecipe(3e-5, 3, 16, 3e-6),
+    "cola": TaskRecipe(5e-5, 10, 32, 5e-6),
+    "rte": TaskRecipe(1e-5, 3, 16, 1e-5),
+    "mrpc": TaskRecipe(8e-5, 10, 32, 8e-6),
+    "stsb": TaskRecipe(3e-5, 10, 32, 3e-6),
+    "wnli": TaskRecipe(1e-5, 3, 16, 1e-6),
+}
+MNLI_INIT_TASKS = ("rte", "mrpc", "stsb")
+TASK_ORDER = ("mnli", "qnli", "qqp", "sst2", "cola", "rte", "mrpc", "stsb", "wnli")
+
+
+def default_glue_dir() -> str | None:
+    env = os.environ.get("GLUE_DIR")
+    if env:
+        return env
+    cand = REPO_ROOT.parent / "shared" / "data" / "glue"
+    return str(cand) if cand.is_dir() else None
+
+
+@dataclass
+class GlueOptions:
+    model: str | None = None  # fine-tune this checkpoint (MLM or classification folder)
+    random_init: str | None = None  # ...or a randomly initialised model of this preset (smoke tests)
+    tokenizer: str | None = None  # default: the model folder's tokenizer, else the repo root's
+    tasks: list[str] = field(default_factory=lambda: list(TASK_ORDER))
+    glue_dir: str | None = None  # official-layout folder; default $GLUE_DIR or ../shared/data/glue; "hub": datasets
+    seeds: list[int] = field(default_factory=lambda: [19])
+    init_from_mnli: str | None = None  # checkpoint for RTE/MRPC/STS-B, or "auto" (this run's MNLI model)
+    output_dir: str = "runs/mosaic-bert-glue"
+    max_seq_length: int = 256
+    learning_rate: float | None = None  # overrides of the per-task table (all tasks)
+    num_train_epochs: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    weight_decay_mode: str = "decoupled"
+    warmup_ratio: float = 0.06
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    max_steps: int = -1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_batch_size: int = 64
+    precision: str = "auto"
+    logging_steps: int = 50
+    save_models: bool = False  # keep each fine-tuned model (MNLI's is kept anyway when --init-from-mnli auto)
+    skip_missing: bool = True  # skip tasks whose data is unavailable instead of failing
+    dataloader_num_workers: int = 0
+    torch_compile: bool = False
+    disable_tqdm: bool | None = None
+    report_to: str = "none"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    xs = x[order]
+    i = 0
+    while i < len(x):  # average ranks for ties
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def pearson_spearman(pred: np.ndarray, gold: np.ndarray) -> tuple[float, float]:
+    try:
+        from scipy.stats import pearsonr, spearmanr
+
+        return float(pearsonr(pred, gold)[0]), float(spearmanr(pred, gold)[0])
+    except ImportError:
+        p = float(np.corrcoef(pred, gold)[0, 1])
+        s = float(np.corrcoef(_rank(pred), _rank(gold))[0, 1])
+        return p, s
+
+
+def task_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    task = GLUE_TASKS[task_name]
+    if task.is_regression:
+        pred = np.asarray(predictions, dtype=np.float64).reshape(-1)
+        p, s = pearson_spearman(pred, np.asarray(labels, dtype=np.float64))
+        return {"pearson": p, "spearmanr": s}
+    pred = np.asarray(predictions).argmax(-1)
+    out = {}
+    if "accuracy" in task.metrics:
+        out["accuracy"] = float(accuracy_score(labels, pred))
+    if "f1" in task.metrics:
+        out["f1"] = float(f1_score(labels, pred))
+    if "matthews_correlation" in task.metrics:
+        out["matthews_correlation"] = float(matthews_corrcoef(labels, pred))
+    return out
+
+
+def glue_score(task_name: str, metrics: dict[str, float]) -> float:
+    """The GLUE leaderboard's per-task number: the mean of the task's metrics (MRPC/QQP: acc & F1, STS-B: Pearson &
+    Spearman), MNLI: matched accuracy."""
+    keys = GLUE_TASKS[task_name].metrics
+    return float(np.mean([metrics[k] for k in keys]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running one task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _precision(opts) -> str:
+    if opts.precision == "auto":
+        return "bf16" if bf16_available() else "fp32"
+    return opts.precision
+
+
+def _recipe(opts: GlueOptions, task: str) -> TaskRecipe:
+    r = TASK_RECIPES[task]
+    return TaskRecipe(
+        learning_rate=opts.learning_rate if opts.learning_rate is not None else r.learning_rate,
+        epochs=opts.num_train_epochs if opts.num_train_epochs is not None else r.epochs,
+        batch_size=opts.batch_size if opts.batch_size is not None else r.batch_size,
+        weight_decay=opts.weight_decay if opts.weight_decay is not None else r.weight_decay,
+    )
+
+
+def _load_model(opts: GlueOptions, task: str, init: str | None):
+    t = GLUE_TASKS[task]
+    kw = dict(num_labels=t.num_labels,
+              problem_type="regression" if t.is_regression else "single_label_classification")
+    if not t.is_regression:
+        kw["id2label"] = dict(enumerate(t.labels))
+        kw["label2id"] = {lab: i for i, lab in enumerate(t.labels)}
+    if init:
+        return AutoModelForSequenceClassification.from_pretrained(
+            init, trust_remote_code=True, ignore_mismatched_sizes=True, **kw)
+    if opts.random_init:
+        _, modeling = import_model_code()
+        config, _ = load_config(opts.random_init)
+        for k, v in kw.items():
+            setattr(config, k, v)
+        return modeling.MosaicBertForSequenceClassification(config)
+    raise ValueError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
+
+
+def _subsample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    if n is None or n >= len(rows):
+        return rows
+    idx = np.random.default_rng(seed).permutation(len(rows))[:n]
+    return [rows[i] for i in sorted(idx)]
+
+
+def load_task_data(opts: GlueOptions, task: str, tokenizer) -> tuple[GlueDataset, dict[str, GlueDataset]]:
+    """Tokenized train set and dev set(s) ("dev", or MNLI's "dev_matched"/"dev_mismatched") of a task."""
+    t = GLUE_TASKS[task]
+    glue_dir = opts.glue_dir or default_glue_dir()
+    train_rows = _subsample(load_glue_split(t, "train", glue_dir), opts.max_train_samples, 0)
+    dev_sets = {}
+    for f in t.dev_files:
+        stem = f[: -len(".tsv")]
+        try:
+            dev_sets[stem] = _subsample(load_glue_split(t, stem, glue_dir), opts.max_eval_samples, 0)
+        except FileNotFoundError:
+            if stem == "dev_mismatched":
+                continue
+            raise
+    train_ds = GlueDataset(train_rows, tokenizer, opts.max_seq_length, t.is_regression)
+    dev_ds = {k: GlueDataset(v, tokenizer, opts.max_seq_length, t.is_regression) for k, v in dev_sets.items()}
+    return train_ds, dev_ds
+
+
+def run_task_seed(opts: GlueOptions, task: str, seed: int, tokenizer, init: str | None, out_dir: Path,
+                  keep_model: bool, data: tuple | None = None) -> dict:
+    t = GLUE_TASKS[task]
+    train_ds, dev_ds = data if data is not None else load_task_data(opts, task, tokenizer)
+
+    r = _recipe(opts, task)
+    ws = world_size()
+    per_device = max(1, r.batch_size // ws)
+    prec = _precision(opts)
+    if opts.max_steps and opts.max_steps > 0:
+        total_steps = opts.max_steps
+    else:
+        total_steps = math.ceil(r.epochs * math.ceil(math.ceil(len(train_ds) / ws) / per_device))
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=opts.eval_batch_size,
+        learning_rate=r.learning_rate,
+        weight_decay=torch_weight_decay(r.learning_rate, r.weight_decay, opts.weight_decay_mode),
+        adam_beta1=opts.adam_beta1,
+        adam_beta2=opts.adam_beta2,
+        adam_epsilon=opts.adam_epsilon,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        warmup_steps=int(round(opts.warmup_ratio * total_steps)),
+        num_train_epochs=r.epochs,
+        max_steps=opts.max_steps if opts.max_steps else -1,
+        bf16=prec == "bf16",
+        fp16=prec == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        data_seed=seed,
+        logging_steps=opts.logging_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=opts.report_to,
+        disable_tqdm=opts.disable_tqdm,
+        dataloader_num_workers=opts.dataloader_num_workers,
+        torch_compile=opts.torch_compile,
+        remove_unused_columns=False,
+    )
+    from transformers import set_seed
+
+    set_seed(seed)
+    model = _load_model(opts, task, init)
+
+    def compute(eval_pred):
+        preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return task_metrics(task, preds, eval_pred.label_ids)
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+                      processing_class=tokenizer, compute_metrics=compute)
+    t0 = time.time()
+    train_out = trainer.train()
+    runtime = time.time() - t0
+    result = {"train_loss": train_out.training_loss, "steps": trainer.state.global_step,
+              "train_runtime_s": round(runtime, 1)}
+    for stem, ds in dev_ds.items():
+        m = trainer.evaluate(ds, metric_key_prefix="eval")
+        metrics = {k[len("eval_"):]: v for k, v in m.items() if k[len("eval_"):] in t.metrics}
+        if stem in ("dev", "dev_matched"):
+            result.update(metrics)
+            result["eval_loss"] = m.get("eval_loss")
+        else:  # MNLI mismatched
+            result.update({f"{k}_mm": v for k, v in metrics.items()})
+    result["score"] = glue_score(task, result)
+    if keep_model and trainer.is_world_process_zero():
+        model_dir = out_dir / "model"
+        trainer.save_model(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
+        finalize_hub_folder(model_dir, tokenizer)
+        result["model_dir"] = str(model_dir)
+    result["n_train"], result["n_eval"] = len(train_ds), {k: len(v) for k, v in dev_ds.items()}
+    del trainer, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def summarize(per_seed: dict[str, dict]) -> tuple[dict, dict]:
+    keys = sorted({k for r in per_seed.values() for k, v in r.items() if isinstance(v, (int, float))
+                   and k not in ("steps", "n_train")})
+    mean = {k: float(np.mean([r[k] for r in per_seed.values() if k in r])) for k in keys}
+    std = {k: float(np.std([r[k] for r in per_seed.values() if k in r])) for k in keys}
+    return mean, std
+
+
+METRIC_LABELS = {"accuracy": "acc", "f1": "F1", "matthews_correlation": "MCC", "pearson": "Pearson",
+                 "spearmanr": "Spearman"}
+
+
+def results_markdown(results: dict, meta: dict) -> str:
+    tasks = [t for t in TASK_ORDER if t in results["tasks"]]
+    lines = [f"GLUE dev results of `{meta['model']}` (x100; mean ± std over seeds {meta['seeds']}; "
+             f"{meta['hardware']}).", ""]
+    header = ["task", "metric(s)", "score", "seeds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in tasks:
+        r = results["tasks"][t]
+        if "skipped" in r:
+            lines.append(f"| {GLUE_TASKS[t].folder} | – | skipped: {r['skipped']} | – |")
+            continue
+        parts = []
+        for k in GLUE_TASKS[t].metrics:
+            parts.append(f"{METRIC_LABELS[k]} {100 * r['mean'][k]:.2f} ± {100 * r['std'][k]:.2f}")
+            if f"{k}_mm" in r["mean"]:
+                parts.append(f"{METRIC_LABELS[k]}-mm {100 * r['mean'][k + '_mm']:.2f}")
+        lines.append(f"| {GLUE_TASKS[t].folder} | {', '.join(parts)} | {100 * r['mean']['score']:.2f} | {len(r['seeds'])} |")
+    if results.get("average") is not None:
+        lines.append(f"| **average** | over {results['average_over']} task(s) | **{100 * results['average']:.2f}** | |")
+    lines += ["", "Score = the task's GLUE number (mean of its metrics; MNLI: matched accuracy).",
+              "Hyperparameters (lr / epochs / batch / decoupled wd): " + "; ".join(
+                  f"{GLUE_TASKS[t].folder} {results['tasks'][t]['hyperparameters']['learning_rate']:g} / "
+                  f"{results['tasks'][t]['hyperparameters']['epochs']:g} / "
+                  f"{results['tasks'][t]['hyperparameters']['batch_size']} / "
+                  f"{results['tasks'][t]['hyperparameters']['weight_decay']:g}"
+                  for t in tasks if "hyperparameters" in results["tasks"][t]) + ".", ""]
+    if meta.get("limited"):
+        lines += [f"Quick run: {meta['limited']} — not comparable to full GLUE numbers.", ""]
+    return "\n".join(lines)
+
+
+def run_glue(opts: GlueOptions) -> dict:
+    setup_logging()
+    if not opts.model and not opts.random_init:
+        raise ValueError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
+    tasks = [canonical_task(t) for t in opts.tasks]
+    tasks = [t for t in TASK_ORDER if t in tasks]  # MNLI first, so "auto" can chain into RTE/MRPC/STS-B
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_src = opts.tokenizer
+    if tok_src is None and opts.model and (Path(opts.model) / "tokenizer_config.json").exists():
+        tok_src = opts.model
+    tokenizer = load_tokenizer(tok_src)
+    glue_dir = opts.glue_dir or default_glue_dir()
+    hw = hardware_description()
+    t_start = time.time()
+    results: dict = {"tasks": {}}
+    mnli_ckpt = None if opts.init_from_mnli in (None, "auto") else opts.init_from_mnli
+    for task in tasks:
+        t = GLUE_TASKS[task]
+        if glue_dir and glue_dir != "hub" and not (Path(glue_dir) / t.folder / "train.tsv").exists():
+            msg = f"no {t.folder}/train.tsv under {glue_dir}"
+            if not opts.skip_missing:
+                raise FileNotFoundError(msg)
+            logger.warning("Skipping %s: %s", task, msg)
+            results["tasks"][task] = {"skipped": "train data not available"}
+            continue
+        init = opts.model
+        if task in MNLI_INIT_TASKS and mnli_ckpt:
+            init = mnli_ckpt
+        rec = _recipe(opts, task)
+        data = load_task_data(opts, task, tokenizer)  # tokenized once for all seeds
+        per_seed = {}
+        for i, seed in enumerate(opts.seeds):
+            if is_main_process():
+                print(f"[glue] {task} seed {seed}: lr {rec.learning_rate:g}, {rec.epochs:g} epochs, batch "
+                      f"{rec.batch_size}, wd {rec.weight_decay:g} ({opts.weight_decay_mode}), init {init or 'random'}")
+            keep = opts.save_models or (task == "mnli" and opts.init_from_mnli == "auto" and i == 0)
+            r = run_task_seed(opts, task, seed, tokenizer, init, out / task / f"seed{seed}", keep, data)
+            per_seed[str(seed)] = r
+            if is_main_process():
+                shown = {k: round(v, 4) for k, v in r.items() if k in t.metrics or k == "score"}
+                print(f"[glue] {task} seed {seed}: {shown}")
+            if task == "mnli" and opts.init_from_mnli == "auto" and i == 0:
+                mnli_ckpt = r.get("model_dir")
+        mean, std = summarize(per_seed)
+        results["tasks"][task] = {"seeds": per_seed, "mean": mean, "std": std,
+                                  "hyperparameters": {**asdict(rec), "max_seq_length": opts.max_seq_length,
+                                                      "warmup_ratio": opts.warmup_ratio,
+                                                      "weight_decay_mode": opts.weight_decay_mode},
+                                  "init": init or f"random {opts.random_init}"}
+    done = [t for t in tasks if "mean" in results["tasks"][t]]
+    results["average"] = float(np.mean([results["tasks"][t]["mean"]["score"] for t in done])) if done else None
+    results["average_over"] = len(done)
+    limited = ", ".join(x for x in [
+        f"max_train_samples={opts.max_train_samples}" if opts.max_train_samples else "",
+        f"max_eval_samples={opts.max_eval_samples}" if opts.max_eval_samples else "",
+        f"max_steps={opts.max_steps}" if opts.max_steps and opts.max_steps > 0 else "",
+        f"random init {opts.random_init}" if opts.random_init and not opts.model else ""] if x)
+    meta = {"model": opts.model or f"random-init {opts.random_init}", "seeds": opts.seeds, "hardware": hw,
+            "glue_dir": glue_dir, "wall_time_s": round(time.time() - t_start, 1), "limited": limited or None,
+            "options": asdict(opts), "torch": torch.__version__}
+    results["meta"] = meta
+    if is_main_process():
+        write_json(out / "results.json", results)
+        (out / "results.md").write_text(results_markdown(results, meta))
+        print((out / "results.md").read_text())
+    return results

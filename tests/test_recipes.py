@@ -1,0 +1,303 @@
+"""Tests of the pretraining and GLUE recipes (CPU, a couple of minutes on 2 cores).
+
+The pretraining run goes through the real command line (subprocess); resume, time budget and GLUE call the recipe
+functions directly.  GLUE data: synthetic TSVs in the official layout, so no shared data is needed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from recipes.data import (  # noqa: E402
+    GLUE_TASKS,
+    MLMCollator,
+    Packer,
+    expand_text_files,
+    iter_documents,
+    load_glue_split,
+    premask,
+    read_glue_tsv,
+)
+from recipes.glue import GlueOptions, pearson_spearman, run_glue, task_metrics  # noqa: E402
+from recipes.pretraining import PretrainingOptions, run_pretraining, torch_weight_decay  # noqa: E402
+
+SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(REPO), trust_remote_code=True)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokcache")
+
+
+# ------------------------------------------------------------------------------------------------ unit tests
+
+
+def test_sample_data_and_packing(tokenizer):
+    files = expand_text_files(None)
+    assert [f.name for f in files] == ["enwiki-vital-summaries-sample.txt.xz"]  # README.md is not training data
+    docs = list(iter_documents(files))
+    assert len(docs) > 900 and all(docs)
+    p = Packer(16, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    p.add_document(list(range(1000, 1020)))
+    p.add_document(list(range(2000, 2005)))
+    arr = p.array()
+    assert arr.shape == (1, 16)
+    assert arr[0, 0] == tokenizer.cls_token_id and arr[0, -1] == tokenizer.sep_token_id
+    assert list(arr[0, 1:15]) == list(range(1000, 1014))
+    # buffer: 6 left + [SEP] + 5 = 12 tokens, still short of a sample; the next document completes it
+    sep = tokenizer.sep_token_id
+    p.add_document(list(range(3000, 3010)))
+    arr = p.array()
+    assert arr.shape == (2, 16)
+    assert list(arr[1, 1:15]) == [*range(1014, 1020), sep, *range(2000, 2005), sep, 3000]
+
+
+def test_mlm_collator(tokenizer):
+    torch.manual_seed(0)
+    coll = MLMCollator(tokenizer, mlm_probability=0.3)
+    ids = torch.randint(1000, 30000, (64, 128))
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    batch = coll([{"input_ids": row} for row in ids] + [{"input_ids": ids[0, :50]}])
+    assert batch["input_ids"].shape == (65, 128)
+    lab = batch["labels"]
+    assert (lab[:, 0] == -100).all() and (lab[:64, -1] == -100).all()  # specials never masked
+    assert (lab[64, 50:] == -100).all() and (batch["attention_mask"][64, 50:] == 0).all()  # padding unlabelled
+    frac = (lab[:64] != -100).float().mean().item()
+    assert 0.26 < frac < 0.34
+    sel = lab != -100
+    masked = (batch["input_ids"][sel] == tokenizer.mask_token_id).float().mean().item()
+    assert 0.75 < masked < 0.85
+    assert (lab[sel] == (torch.cat([ids, torch.nn.functional.pad(ids[:1, :50], (0, 78))]))[sel]).all()
+    # pre-masked eval set: deterministic, passes through the collator unchanged
+    m1, l1 = premask(ids.numpy(), MLMCollator(tokenizer, 0.15), seed=3)
+    m2, l2 = premask(ids.numpy(), MLMCollator(tokenizer, 0.15), seed=3)
+    assert (m1 == m2).all() and (l1 == l2).all() and 0.12 < (l1 != -100).mean() < 0.18
+    out = coll([{"input_ids": torch.from_numpy(m1[0]), "labels": torch.from_numpy(l1[0])}])
+    assert (out["labels"][0].numpy() == l1[0]).all() and (out["input_ids"][0].numpy() == m1[0]).all()
+
+
+def test_presets():
+    from recipes.common import load_config
+
+    base = json.loads((REPO / "config.json").read_text())
+    assert json.loads((REPO / "configs" / "mosaic-bert-base.json").read_text()) == base  # base preset = root config
+    tiny, _ = load_config("tiny")
+    assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads, tiny.intermediate_size) == (
+        128, 2, 2, 512)
+    small, _ = load_config("small", {"num_hidden_layers": 6})
+    assert small.hidden_size == 512 and small.num_hidden_layers == 6 and small.vocab_size == 30528
+
+
+def test_weight_decay_conversion():
+    # MosaicML DecoupledAdamW (wd 1e-5 at lr 5e-4) == torch AdamW weight_decay 0.02
+    assert torch_weight_decay(5e-4, 1e-5, "decoupled") == pytest.approx(0.02)
+    assert torch_weight_decay(5e-4, 0.01, "torch") == 0.01
+    # and the two optimisers really agree
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = torch.optim.AdamW([p], lr=5e-4, weight_decay=0.0)
+    p.grad = torch.zeros(10)
+    before = p.detach().clone()
+    opt = torch.optim.AdamW([p], lr=5e-4, weight_decay=torch_weight_decay(5e-4, 1e-5, "decoupled"))
+    opt.step()
+    assert torch.allclose(p.detach(), before * (1 - 1e-5))
+
+
+def test_metrics():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    p, s = pearson_spearman(x, y)
+    assert p == pytest.approx(np.corrcoef(x, y)[0, 1])
+    m = task_metrics("mrpc", np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), np.array([1, 0, 0]))
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    assert set(task_metrics("cola", np.eye(2)[[0, 1, 1]], np.array([0, 1, 0]))) == {"matthews_correlation"}
+
+
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="shared GLUE data not available")
+def test_read_real_glue_tsvs():
+    expected = {("cola", "train"): 8551, ("cola", "dev"): 1043, ("sst2", "dev"): 872, ("mrpc", "train"): 3668,
+                ("mrpc", "dev"): 408, ("rte", "dev"): 277, ("stsb", "dev"): 1500, ("wnli", "dev"): 71,
+                ("qnli", "dev"): 5463, ("stsb", "train"): 5749}
+    for (task, split), n in expected.items():
+        rows = load_glue_split(GLUE_TASKS[task], split, SHARED_GLUE)
+        assert len(rows) == n, (task, split)
+    cola = load_glue_split(GLUE_TASKS["cola"], "dev", SHARED_GLUE)
+    assert {r["label"] for r in cola} == {0, 1} and cola[0]["b"] is None
+    sts = load_glue_split(GLUE_TASKS["stsb"], "dev", SHARED_GLUE)
+    assert sts[0]["label"] == 5.0 and sts[0]["a"].startswith("A man with a hard hat")
+
+
+# ------------------------------------------------------------------------------------------------ pretraining
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(tmp_path_factory, cache_dir):
+    """A real CLI run: tiny model, 30 steps, checkpoint every 15 steps."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    env = dict(os.environ, MOSAIC_BERT_CACHE=str(cache_dir), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "tiny", "--max-steps", "30",
+           "--learning-rate", "2e-3", "--per-device-batch-size", "8", "--max-seq-length", "64", "--logging-steps", "5", "--eval-steps", "15",
+           "--save-steps", "15", "--eval-samples", "32", "--output-dir", str(out), "--no-progress-bar"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc
+
+
+def test_pretraining_cli_run(pretrain_run):
+    out, proc = pretrain_run
+    assert "global batch = 8 per device x 1 grad accum x 1 processes = 8" in proc.stdout
+    for f in ("config.json", "model.safetensors", "modeling_mosaic_bert.py", "configuration_mosaic_bert.py",
+              "bert_padding.py", "tokenizer.json", "tokenizer_config.json", "README.md", "train_results.json",
+              "log_history.json", "checkpoint-15", "checkpoint-30"):
+        assert (out / f).exists(), f
+    facts = json.loads((out / "train_results.json").read_text())
+    assert facts["global_step"] == 30 and facts["tokens_seen"] == 30 * 8 * 64
+    assert facts["torch_weight_decay"] == pytest.approx(1e-5 / 2e-3)
+    hist = json.loads((out / "log_history.json").read_text())
+    losses = [h["loss"] for h in hist if "loss" in h]
+    assert losses[-1] < losses[0] - 1.0, losses  # the loss falls
+    evals = [h["eval_loss"] for h in hist if "eval_loss" in h]
+    assert len(evals) >= 2 and evals[-1] < evals[0]
+    assert any("tokens_per_second" in h for h in hist)
+    assert 0.0 <= facts["eval_mlm_accuracy"] <= 1.0
+    card = (out / "README.md").read_text()
+    assert "tokens seen | 15,360" in card and "CC BY-SA" in card
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForMaskedLM"] == "modeling_mosaic_bert.MosaicBertForMaskedLM"
+    assert cfg["hidden_size"] == 128 and cfg["vocab_size"] == 30528
+
+
+def test_pretrained_folder_reloads_with_fill_mask(pretrain_run):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    out, _ = pretrain_run
+    model = AutoModelForMaskedLM.from_pretrained(str(out), trust_remote_code=True)
+    assert type(model).__name__ == "MosaicBertForMaskedLM"
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    fill = pipeline("fill-mask", model=model, tokenizer=tok)
+    preds = fill("The capital of France is [MASK].")
+    assert len(preds) == 5 and all("token_str" in p for p in preds)
+
+
+def test_resume_and_tokenization_cache(pretrain_run, cache_dir, tmp_path):
+    out, proc = pretrain_run
+    assert "cache miss" in proc.stderr  # the first run tokenized
+    caches = sorted(Path(cache_dir).glob("packed-*.npy"))
+    assert len(caches) == 1
+    mtime = caches[0].stat().st_mtime_ns
+    new_out = tmp_path / "resumed"
+    facts = run_pretraining(PretrainingOptions(
+        config="tiny", max_steps=30, learning_rate=2e-3, per_device_batch_size=8, max_seq_length=64, logging_steps=5, eval_steps=15,
+        save_steps=15, eval_samples=32, output_dir=str(new_out), resume=str(out / "checkpoint-15"),
+        cache_dir=str(cache_dir), disable_tqdm=True))
+    assert facts["data_stats"]["train"]["cache_hit"] is True  # no re-tokenization
+    assert caches[0].stat().st_mtime_ns == mtime
+    assert facts["global_step"] == 30 and facts["resumed_from"].endswith("checkpoint-15")
+    hist = json.loads((new_out / "log_history.json").read_text())
+    resumed_steps = [h["step"] for h in hist if "loss" in h]
+    assert resumed_steps[-1] == 30 and 20 in resumed_steps
+    assert facts["tokens_seen"] == 30 * 8 * 64  # restored counter continued
+
+
+def test_time_budget_stops_training(tmp_path, cache_dir):
+    facts = run_pretraining(PretrainingOptions(
+        config="tiny", max_steps=10_000, per_device_batch_size=8, max_seq_length=64, max_time_minutes=0.05,
+        eval_samples=8,
+        save_steps=100_000, output_dir=str(tmp_path / "budget"), cache_dir=str(cache_dir), disable_tqdm=True))
+    assert facts["stopped_by_time_budget"] and 0 < facts["global_step"] < 10_000
+    assert (tmp_path / "budget" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ GLUE
+
+
+def _write_tsv(path: Path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (["\t".join(header)] if header else []) + ["\t".join(map(str, r)) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory):
+    """Tiny synthetic GLUE folder in the official layout (RTE, STS-B, MNLI with matched/mismatched, CoLA)."""
+    d = tmp_path_factory.mktemp("glue")
+    rng = np.random.default_rng(0)
+    words = "the a cat dog sat ran on under mat house big small red blue quickly slowly".split()
+
+    def sent():
+        return " ".join(rng.choice(words, size=rng.integers(4, 12)))
+
+    for split, n in (("train", 48), ("dev", 24)):
+        _write_tsv(d / "RTE" / f"{split}.tsv", ["index", "sentence1", "sentence2", "label"],
+                   [(i, sent(), sent(), rng.choice(["entailment", "not_entailment"])) for i in range(n)])
+        _write_tsv(d / "STS-B" / f"{split}.tsv",
+                   ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+                    "sentence2", "score"],
+                   [(i, "g", "f", "y", i, "none", "none", sent(), sent(), f"{rng.uniform(0, 5):.3f}")
+                    for i in range(n)])
+        _write_tsv(d / "CoLA" / f"{split}.tsv", None, [("src", rng.integers(0, 2), "", sent()) for _ in range(n)])
+    mnli_header = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                   "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+    for split in ("train", "dev_matched", "dev_mismatched"):
+        _write_tsv(d / "MNLI" / f"{split}.tsv", mnli_header,
+                   [(i, 0, 0, "g", "", "", "", "", sent(), sent(), "x",
+                     rng.choice(["entailment", "neutral", "contradiction"])) for i in range(48)])
+    return d
+
+
+def test_read_synthetic_glue(glue_dir):
+    rows = read_glue_tsv(glue_dir / "MNLI" / "dev_mismatched.tsv", GLUE_TASKS["mnli"])
+    assert len(rows) == 48 and {r["label"] for r in rows} <= {0, 1, 2}
+    cola = read_glue_tsv(glue_dir / "CoLA" / "train.tsv", GLUE_TASKS["cola"])
+    assert len(cola) == 48 and cola[0]["b"] is None
+
+
+def test_glue_rte_stsb_from_pretrained_checkpoint(pretrain_run, glue_dir, tmp_path):
+    """Slices of the real RTE / STS-B TSVs when the shared data is there (synthetic ones otherwise)."""
+    out, _ = pretrain_run
+    gdir = SHARED_GLUE if (SHARED_GLUE / "RTE" / "train.tsv").exists() else glue_dir
+    res = run_glue(GlueOptions(model=str(out), tasks=["rte", "stsb", "qqp"], glue_dir=str(gdir), seeds=[1, 2],
+                               output_dir=str(tmp_path / "glue"), max_train_samples=32, max_eval_samples=16,
+                               max_steps=3, disable_tqdm=True, logging_steps=1))
+    data = json.loads((tmp_path / "glue" / "results.json").read_text())
+    assert set(data["tasks"]["rte"]["seeds"]) == {"1", "2"}
+    assert {"accuracy", "score"} <= set(data["tasks"]["rte"]["mean"]) and "accuracy" in data["tasks"]["rte"]["std"]
+    assert {"pearson", "spearmanr", "score"} <= set(data["tasks"]["stsb"]["mean"])
+    assert data["tasks"]["stsb"]["seeds"]["1"]["steps"] == 3
+    assert data["tasks"]["qqp"] == {"skipped": "train data not available"}
+    assert data["average_over"] == 2 and res["average"] == pytest.approx(data["average"])
+    assert data["tasks"]["rte"]["hyperparameters"]["learning_rate"] == 1e-5
+    md = (tmp_path / "glue" / "results.md").read_text()
+    assert "| RTE | acc " in md and "| STS-B | Pearson " in md and "Spearman" in md and "skipped" in md
+
+
+def test_glue_cli_mnli_chain_random_init(glue_dir, tmp_path):
+    """scripts/glue.py end to end: random-init tiny model, MNLI (matched + mismatched), then RTE from MNLI."""
+    out = tmp_path / "glue_cli"
+    cmd = [sys.executable, str(REPO / "scripts" / "glue.py"), "--random-init", "tiny", "--tasks", "rte", "mnli",
+           "--glue-dir", str(glue_dir), "--seeds", "7", "--max-train-samples", "32", "--max-steps", "2",
+           "--init-from-mnli", "auto", "--output-dir", str(out), "--no-progress-bar"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    data = json.loads((out / "results.json").read_text())
+    mnli = data["tasks"]["mnli"]["mean"]
+    assert {"accuracy", "accuracy_mm"} <= set(mnli)
+    assert data["tasks"]["rte"]["init"].endswith(str(Path("mnli") / "seed7" / "model"))
+    assert (out / "mnli" / "seed7" / "model" / "config.json").exists()
