@@ -1,0 +1,115 @@
+"""Where one MosaicBERT pretraining step spends its GPU time: torch.profiler over a few steps, kernels grouped.
+
+    python benchmarks/profile_step.py [--config config.json] [--batch 256] [--seqlen 128] [--steps 3] [--smoke]
+
+Random weights, bf16 autocast, fused AdamW, 30% of tokens labelled (the MLM head runs on those only). Prints the
+top kernels by device time and a table of device time per category (matmul, attention kernel, elementwise and
+normalisation, optimizer, other), as a share of the profiled steps' wall time.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from configuration_mosaic_bert import MosaicBertConfig  # noqa: E402
+from modeling_mosaic_bert import MosaicBertForMaskedLM  # noqa: E402
+
+CATEGORIES = [  # first match wins, on the lower-cased kernel name
+    ("attention kernel", ("flash_attn", "_attn_fwd", "_attn_bwd", "_bwd_preprocess", "_fwd_kernel", "_bwd_")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("softmax / loss", ("softmax", "nll", "cross_entropy", "log_softmax")),
+    ("elementwise / dropout / copies", ("elementwise", "vectorized", "unrolled", "dropout", "copy", "fill", "cat",
+                                        "index", "scatter", "gather", "reduce", "gelu", "mul", "add")),
+]
+
+
+def categorize(name: str) -> str:
+    lowered = name.lower()
+    for category, keys in CATEGORIES:
+        if any(key in lowered for key in keys):
+            return category
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO_ROOT / "config.json"))
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script only)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+
+    device = "cpu" if args.smoke else "cuda"
+    config = MosaicBertConfig.from_json_file(args.config)
+    if args.smoke:
+        config = MosaicBertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        args.batch, args.seqlen = 4, 32
+    torch.manual_seed(0)
+    model = MosaicBertForMaskedLM(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=device == "cuda")
+    ids = torch.randint(5, config.vocab_size, (args.batch, args.seqlen), device=device)
+    labels = torch.where(torch.rand(ids.shape, device=device) < 0.3, ids, -100)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+
+    per_kernel = collections.Counter()
+    for event in prof.events():
+        if device == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.device_time / 1e3 / args.steps
+        elif device == "cpu" and event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):
+            per_kernel[event.name] += event.self_cpu_time_total / 1e3 / args.steps
+    per_category = collections.Counter()
+    for name, ms in per_kernel.items():
+        per_category[categorize(name)] += ms
+    busy = sum(per_kernel.values())
+
+    print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print(f"# step {args.batch} x {args.seqlen}: wall {wall_ms:.1f} ms/step, device busy {busy:.1f} ms/step "
+          f"({args.batch / wall_ms * 1e3:,.0f} samples/s)")
+    print("\n| kernel (top 20) | ms/step | share of wall |\n|---|---:|---:|")
+    for name, ms in per_kernel.most_common(20):
+        print(f"| {name[:90]} | {ms:.2f} | {ms / wall_ms:.1%} |")
+    print("\n| category | ms/step | share of wall |\n|---|---:|---:|")
+    for category, ms in per_category.most_common():
+        print(f"| {category} | {ms:.2f} | {ms / wall_ms:.1%} |")
+    print(f"| idle (wall - busy) | {max(wall_ms - busy, 0):.2f} | {max(wall_ms - busy, 0) / wall_ms:.1%} |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "profile_step.json").write_text(json.dumps(
+        {"wall_ms": wall_ms, "busy_ms": busy, "categories": per_category, "kernels": per_kernel.most_common(60)},
+        indent=1))
+
+
+if __name__ == "__main__":
+    main()
