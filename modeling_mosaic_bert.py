@@ -112,18 +112,16 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
 
 
 def alibi_slopes(num_heads: int, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
-    """ALiBi slopes m_h, (num_heads,) of `dtype` (float32, or float64 for a float64 model). The bias added to head h's scores is -m_h * |i - j|.
+    """ALiBi slopes m_h, (num_heads,): head h adds -m_h * |i - j| to its scores. float32, or float64 for a float64
+    model. Built on `device` directly (no host-to-device copy on the forward path).
 
     For n heads, n a power of two, m_h = 2^(-8(h+1)/n). Otherwise the largest power of two n' below n gives the first
     n' slopes and every other slope of 2n' (2^(-8(k+1)/2n') for k = 0, 2, 4, ...) fills the rest.
     """
-
-    def geometric(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-
     base = 2 ** math.floor(math.log2(num_heads))
-    slopes = geometric(base) + geometric(2 * base)[0::2][: num_heads - base]
-    return torch.tensor(slopes, dtype=dtype, device=device)
+    first = torch.arange(1, base + 1, device=device, dtype=dtype) * (-8.0 / base)
+    rest = (2 * torch.arange(num_heads - base, device=device, dtype=dtype) + 1) * (-8.0 / (2 * base))
+    return torch.exp2(torch.cat([first, rest]))
 
 
 def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
