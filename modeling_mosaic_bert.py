@@ -453,7 +453,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
         checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
     if not checks:  # inputs_embeds without attention_mask or token_type_ids: nothing to look at
         return
-    values = dict(zip(checks, torch.stack([v.to(torch.float64) for v in checks.values()]).tolist()))
+    values = dict(zip(checks, torch.stack([v.to(torch.int64) for v in checks.values()]).tolist()))
     if "input_ids_min" in values and (values["input_ids_min"] < 0 or values["input_ids_max"] >= config.vocab_size):
         bad = values["input_ids_min"] if values["input_ids_min"] < 0 else values["input_ids_max"]
         raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {config.vocab_size})")
