@@ -1,10 +1,12 @@
-"""Where one MosaicBERT pretraining step spends its GPU time: torch.profiler over a few steps, kernels grouped.
+"""Where MosaicBERT spends its time: torch.profiler over a few steps, kernels (or CPU ops) grouped by category.
 
     python benchmarks/profile_step.py [--config config.json] [--batch 256] [--seqlen 128] [--steps 3] [--smoke]
+    python benchmarks/profile_step.py --cpu-inference [--steps 3]
 
-Random weights, bf16 autocast, fused AdamW, 30% of tokens labelled (the MLM head runs on those only). Prints the
-top kernels by device time and a table of device time per category (matmul, attention kernel, elementwise and
-normalisation, optimizer, other), as a share of the profiled steps' wall time.
+Default: one pretraining step on the GPU: random weights, bf16 autocast, fused AdamW, 30% of tokens labelled (the
+MLM head runs on those only). --cpu-inference: the CPU workload of benchmarks/model.py instead (the base encoder in
+fp32, 32 sequences of 16-256 tokens padded to the batch maximum). Prints the top kernels by time and a table of time
+per category (matmul, attention, elementwise and normalisation, optimizer, other) as a share of the wall time.
 """
 
 import argparse
@@ -24,8 +26,9 @@ from configuration_mosaic_bert import MosaicBertConfig  # noqa: E402
 from modeling_mosaic_bert import MosaicBertForMaskedLM  # noqa: E402
 
 CATEGORIES = [  # first match wins, on the lower-cased kernel name
-    ("attention kernel", ("flash_attn", "_attn_fwd", "_attn_bwd", "_bwd_preprocess", "_fwd_kernel", "_bwd_")),
-    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "wgmma")),
+    ("attention kernel", ("flash_attn", "_attn_fwd", "_attn_bwd", "_bwd_preprocess", "_fwd_kernel", "_bwd_",
+                          "scaled_dot_product", "flash_attention")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "wgmma", "addmm", "aten::mm", "bmm")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("layernorm", ("layer_norm", "layernorm")),
     ("softmax / loss", ("softmax", "nll", "cross_entropy", "log_softmax")),
@@ -42,25 +45,10 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO_ROOT / "config.json"))
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script only)")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-
-    device = "cpu" if args.smoke else "cuda"
-    config = MosaicBertConfig.from_json_file(args.config)
-    if args.smoke:
-        config = MosaicBertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-        args.batch, args.seqlen = 4, 32
-    torch.manual_seed(0)
+def pretraining_step(config, device: str, batch: int, seqlen: int):
     model = MosaicBertForMaskedLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=device == "cuda")
-    ids = torch.randint(5, config.vocab_size, (args.batch, args.seqlen), device=device)
+    ids = torch.randint(5, config.vocab_size, (batch, seqlen), device=device)
     labels = torch.where(torch.rand(ids.shape, device=device) < 0.3, ids, -100)
 
     def step():
@@ -69,6 +57,48 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def cpu_inference_step(config):
+    """The base encoder in fp32 on 32 sequences of 16-256 tokens, padded to the batch maximum."""
+    from modeling_mosaic_bert import MosaicBertModel
+
+    model = MosaicBertModel(config).eval()
+    lengths = torch.randint(16, 257, (32,))
+    seqlen = int(lengths.max())
+    ids = torch.randint(5, config.vocab_size, (32, seqlen))
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
+
+    def step():
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+
+    return step, 32, seqlen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO_ROOT / "config.json"))
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script only)")
+    parser.add_argument("--cpu-inference", action="store_true", help="profile the CPU inference workload instead")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+
+    device = "cpu" if args.smoke or args.cpu_inference else "cuda"
+    config = MosaicBertConfig.from_json_file(args.config)
+    if args.smoke:
+        config = MosaicBertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        args.batch, args.seqlen = 4, 32
+    torch.manual_seed(0)
+    if args.cpu_inference:
+        step, args.batch, args.seqlen = cpu_inference_step(config)
+    else:
+        step = pretraining_step(config, device, args.batch, args.seqlen)
 
     for _ in range(3):
         step()
