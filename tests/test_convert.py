@@ -12,7 +12,7 @@ import torch
 
 import reference as ref
 from conftest import REPO_ROOT, TOKENIZER_FILES, ragged_batch
-from reference import Dims
+from reference import Dims, original_config
 
 D = Dims()
 
@@ -21,42 +21,6 @@ def _conversion():
     from recipes import conversion
 
     return conversion
-
-
-def original_config(d: Dims, architectures=("BertForMaskedLM",), **extra) -> dict:
-    """An original MosaicBERT config.json (transformers BertConfig fields, auto_map into bert_layers)."""
-    cfg = {
-        "_name_or_path": "bert-base-uncased",
-        "alibi_starting_size": 512,
-        "architectures": list(architectures),
-        "auto_map": {
-            "AutoConfig": "configuration_bert.BertConfig",
-            "AutoModelForMaskedLM": "bert_layers.BertForMaskedLM",
-            "AutoModelForSequenceClassification": "bert_layers.BertForSequenceClassification",
-        },
-        "attention_probs_dropout_prob": 0.0,
-        "classifier_dropout": None,
-        "gradient_checkpointing": False,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1,
-        "hidden_size": d.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": d.intermediate_size,
-        "layer_norm_eps": d.layer_norm_eps,
-        "max_position_embeddings": 512,
-        "model_type": "bert",
-        "num_attention_heads": d.num_attention_heads,
-        "num_hidden_layers": d.num_hidden_layers,
-        "pad_token_id": 0,
-        "position_embedding_type": "absolute",
-        "torch_dtype": "float32",
-        "transformers_version": "4.26.0",
-        "type_vocab_size": d.type_vocab_size,
-        "use_cache": True,
-        "vocab_size": d.vocab_size,
-    }
-    cfg.update(extra)
-    return cfg
 
 
 def write_original(folder, state: dict, config: dict, wrap: str = "plain", tokenizer=True, fmt="bin"):

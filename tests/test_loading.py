@@ -215,32 +215,7 @@ def _write_original_checkpoint(folder, d: Dims, seed=0):
     # an original checkpoint stores the tied decoder weight as its own entry
     sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"].clone()
     torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
-    cfg = {
-        "_name_or_path": "mosaicml/mosaic-bert-base",
-        "alibi_starting_size": 512,
-        "architectures": ["BertForMaskedLM"],
-        "attention_probs_dropout_prob": 0.0,
-        "auto_map": {"AutoConfig": "configuration_bert.BertConfig", "AutoModelForMaskedLM": "bert_layers.BertForMaskedLM"},
-        "classifier_dropout": None,
-        "gradient_checkpointing": False,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1,
-        "hidden_size": d.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": d.intermediate_size,
-        "layer_norm_eps": d.layer_norm_eps,
-        "max_position_embeddings": 512,
-        "model_type": "bert",
-        "num_attention_heads": d.num_attention_heads,
-        "num_hidden_layers": d.num_hidden_layers,
-        "pad_token_id": 0,
-        "position_embedding_type": "absolute",
-        "torch_dtype": "float32",
-        "transformers_version": "4.26.0",
-        "type_vocab_size": d.type_vocab_size,
-        "use_cache": True,
-        "vocab_size": d.vocab_size,
-    }
+    cfg = ref.original_config(d)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return {k: v.double() for k, v in sd.items()}
