@@ -3,7 +3,6 @@ float64 reference in tests/reference.py."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import math
 import warnings
@@ -19,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as ref
-from conftest import build, make_config, ragged_batch, real_tokens
+from conftest import build, ragged_batch, real_tokens
 from reference import Dims
 
 HAS_CUDA = torch.cuda.is_available()
