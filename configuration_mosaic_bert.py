@@ -42,9 +42,11 @@ class MosaicBertConfig(PretrainedConfig):
             unset.
         alibi_starting_size (`int`, defaults to 512): the sequence length MosaicBERT was pretrained at. Kept for
             compatibility with original checkpoints; ALiBi is computed for any length, so nothing depends on it.
-        attention_backend (`str`, defaults to `"auto"`): `"triton"` runs the fused FlashAttention kernel (CUDA,
-            fp16/bf16), `"torch"` runs PyTorch's scaled_dot_product_attention per sequence, `"auto"` takes the
-            kernel wherever it supports the inputs and PyTorch elsewhere.
+        attention_backend (`str`, defaults to `"auto"`): where the Triton kernels run: the fused FlashAttention
+            kernel and the fused GeGLU activation (with its dropout) of the feed-forward. `"triton"` requires the
+            attention kernel (CUDA) and uses the GeGLU kernel wherever it supports the inputs, `"torch"` runs the
+            model in PyTorch only (attention through scaled_dot_product_attention per sequence), `"auto"` takes
+            the kernels for float16/bfloat16 CUDA tensors and PyTorch elsewhere.
     """
 
     model_type = "mosaic_bert"

@@ -20,6 +20,7 @@ MODEL_CODE_FILES = (
     "modeling_mosaic_bert.py",
     "bert_padding.py",
     "flash_attn_triton.py",
+    "geglu_triton.py",
 )
 
 # Dense BF16 peak used for MFU when --peak-tflops is not given. 784 TFLOP/s is the bf16 matmul throughput measured on

@@ -34,13 +34,15 @@ except ImportError:  # loaded from a folder on sys.path (tests, scripts)
     from bert_padding import index_first_axis, pad_input, unpad_input
     from configuration_mosaic_bert import MosaicBertConfig
 
-try:  # the Triton kernel is optional: without Triton, attention runs on PyTorch
+try:  # the Triton kernels are optional: without Triton, the model runs on PyTorch
     from .flash_attn_triton import flash_attn_varlen_func, unsupported_reason
+    from .geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
 except ImportError:
     try:
         from flash_attn_triton import flash_attn_varlen_func, unsupported_reason
+        from geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
     except ImportError:
-        flash_attn_varlen_func = unsupported_reason = None
+        flash_attn_varlen_func = unsupported_reason = geglu = geglu_unsupported_reason = None
 
 
 class MosaicBertLayerNorm(nn.LayerNorm):
@@ -82,23 +84,41 @@ class MosaicBertEmbeddings(nn.Module):
 
 
 class MosaicBertGatedMLP(nn.Module):
-    """The GeGLU feed-forward with its residual LayerNorm: LN(x + W_o · drop(act(x W_g) ⊙ (x W_u)))."""
+    """The GeGLU feed-forward with its residual LayerNorm: LN(x + W_o · drop(gelu(x W_g) ⊙ (x W_u)))."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.backend = config.attention_backend
         # One matmul computes gate (first half of the outputs) and value (second half).
         self.gated_layers = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.act = ACT2FN[config.hidden_act]
+        self.fusable_act = config.hidden_act == "gelu"
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
         self.layernorm = MosaicBertLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
+    def kernel_unsupported_reason(self, projected: torch.Tensor) -> str | None:
+        """Why the fused GeGLU kernel cannot run on the (total_tokens, 2 * intermediate) projection, or None."""
+        if self.backend == "torch":
+            return "attention_backend is 'torch'"
+        if geglu is None:
+            return "Triton is not installed"
+        if not self.fusable_act:
+            return "the fused kernel computes the exact 'gelu' activation only"
+        if self.backend == "auto" and not (projected.is_cuda and projected.dtype in (torch.float16, torch.bfloat16)):
+            return "'auto' uses the kernel for float16/bfloat16 CUDA tensors only"
+        return geglu_unsupported_reason(projected)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(total_tokens, hidden) -> (total_tokens, hidden)."""
-        gate, value = self.gated_layers(hidden_states).split(self.intermediate_size, dim=-1)
-        mlp_out = self.wo(self.dropout(self.act(gate) * value))
-        return self.layernorm(mlp_out + hidden_states)
+        projected = self.gated_layers(hidden_states)
+        if self.kernel_unsupported_reason(projected) is None:
+            activated = geglu(projected, self.dropout.p if self.training else 0.0)
+        else:
+            gate, value = projected.split(self.intermediate_size, dim=-1)
+            activated = self.dropout(self.act(gate) * value)
+        return self.layernorm(self.wo(activated) + hidden_states)
 
 
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
