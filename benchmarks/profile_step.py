@@ -26,11 +26,12 @@ from configuration_mosaic_bert import MosaicBertConfig  # noqa: E402
 from modeling_mosaic_bert import MosaicBertForMaskedLM  # noqa: E402
 
 CATEGORIES = [  # first match wins, on the lower-cased kernel name
+    ("geglu kernel", ("_geglu_",)),
+    ("layernorm", ("layer_norm", "layernorm")),
     ("attention kernel", ("flash_attn", "_attn_fwd", "_attn_bwd", "_bwd_preprocess", "_fwd_kernel", "_bwd_",
                           "scaled_dot_product", "flash_attention")),
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "wgmma", "addmm", "aten::mm", "bmm")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("layernorm", ("layer_norm", "layernorm")),
     ("softmax / loss", ("softmax", "nll", "cross_entropy", "log_softmax")),
     ("elementwise / dropout / copies", ("elementwise", "vectorized", "unrolled", "dropout", "copy", "fill", "cat",
                                         "index", "scatter", "gather", "reduce", "gelu", "mul", "add")),
