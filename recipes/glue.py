@@ -7,10 +7,12 @@ MRPC and STS-B start from an MNLI-fine-tuned checkpoint in that recipe (`--init-
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -351,7 +353,26 @@ def results_markdown(results: dict, meta: dict) -> str:
                   for t in tasks if "hyperparameters" in results["tasks"][t]) + ".", ""]
     if meta.get("limited"):
         lines += [f"Quick run: {meta['limited']} — not comparable to full GLUE numbers.", ""]
+    for note in meta.get("notes") or []:
+        lines += [f"Note: {note}", ""]
     return "\n".join(lines)
+
+
+def glue_average(results: dict) -> tuple[float | None, int]:
+    """The mean GLUE score over the tasks that ran (skipped tasks do not count) and how many tasks that is."""
+    done = [t for t in TASK_ORDER if "mean" in results["tasks"].get(t, {})]
+    avg = float(np.mean([results["tasks"][t]["mean"]["score"] for t in done])) if done else None
+    return avg, len(done)
+
+
+def write_results(results: dict, out_dir: str | os.PathLike) -> Path:
+    """results.json and results.md (the table of `results_markdown`) into out_dir; returns the markdown's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    md = out / "results.md"
+    md.write_text(results_markdown(results, results["meta"]))
+    return md
 
 
 def run_glue(opts: GlueOptions) -> dict:
@@ -404,9 +425,7 @@ def run_glue(opts: GlueOptions) -> dict:
                                                       "warmup_ratio": opts.warmup_ratio,
                                                       "weight_decay_mode": opts.weight_decay_mode},
                                   "init": init or f"random {opts.random_init}"}
-    done = [t for t in tasks if "mean" in results["tasks"][t]]
-    results["average"] = float(np.mean([results["tasks"][t]["mean"]["score"] for t in done])) if done else None
-    results["average_over"] = len(done)
+    results["average"], results["average_over"] = glue_average(results)
     limited = ", ".join(x for x in [
         f"max_train_samples={opts.max_train_samples}" if opts.max_train_samples else "",
         f"max_eval_samples={opts.max_eval_samples}" if opts.max_eval_samples else "",
@@ -417,7 +436,108 @@ def run_glue(opts: GlueOptions) -> dict:
             "options": asdict(opts), "torch": torch.__version__}
     results["meta"] = meta
     if is_main_process():
-        write_json(out / "results.json", results)
-        (out / "results.md").write_text(results_markdown(results, meta))
-        print((out / "results.md").read_text())
+        print(write_results(results, out).read_text())
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merging runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _same_path(x):
+    return os.path.normpath(x) if isinstance(x, str) and x and not x.startswith("random ") else x
+
+
+def _unique(values) -> list:
+    out = []
+    for v in values:
+        if v not in (None, "") and v not in out:
+            out.append(v)
+    return out
+
+
+def merge_results(sources: Iterable[str | os.PathLike | dict], notes: Sequence[str] = ()) -> dict:
+    """Merge the results of separate `run_glue` runs (e.g. one process per task and seed) into one results dict of
+    the same format: per task the seeds of all runs, their mean and std (`summarize`), the hyperparameters and init;
+    the GLUE average; merged meta.  `sources` are results.json paths (or already loaded dicts); `notes` are lines
+    shown under the markdown table (`meta["notes"]`).
+
+    Refuses (ValueError) runs of different models, runs of one task that disagree on hyperparameters, init or quick-run
+    limits (max steps / samples), and a (task, seed) present in two runs.  A task skipped in one run but trained in
+    another counts as trained; a task only ever skipped stays marked skipped.
+    """
+    loaded = []
+    for i, src in enumerate(sources):
+        if isinstance(src, dict):
+            name, data = f"<results {i}>", src
+        else:
+            name, data = str(src), json.loads(Path(src).read_text())
+        if not (isinstance(data, dict) and isinstance(data.get("tasks"), dict) and isinstance(data.get("meta"), dict)):
+            raise ValueError(f"{name} is not a GLUE results.json (needs 'tasks' and 'meta')")
+        loaded.append((name, data))
+    if not loaded:
+        raise ValueError("nothing to merge: pass at least one results.json")
+
+    first_name, first = loaded[0]
+    model = first["meta"].get("model")
+    for name, data in loaded[1:]:
+        other = data["meta"].get("model")
+        if _same_path(other) != _same_path(model):
+            raise ValueError(f"runs of different models cannot be merged: {first_name} has model {model!r}, "
+                             f"{name} has {other!r}")
+
+    merged_tasks: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for name, data in loaded:
+        limited = data["meta"].get("limited") or None
+        for task, r in data["tasks"].items():
+            if task not in GLUE_TASKS:
+                raise ValueError(f"{name}: unknown GLUE task {task!r}")
+            if "skipped" in r:
+                skipped.setdefault(task, r["skipped"])
+                continue
+            setting = {"hyperparameters": r.get("hyperparameters"), "init": _same_path(r.get("init")),
+                       "quick-run limits": limited}
+            entry = merged_tasks.setdefault(task, {"setting": setting, "from": name, "seeds": {}, "seed_from": {},
+                                                   "hyperparameters": r.get("hyperparameters"), "init": r.get("init")})
+            for key, value in setting.items():
+                if value != entry["setting"][key]:
+                    raise ValueError(f"{task}: the runs disagree on {key}: {entry['from']} has "
+                                     f"{entry['setting'][key]!r}, {name} has {value!r}")
+            for seed, per_seed in r.get("seeds", {}).items():
+                if seed in entry["seeds"]:
+                    raise ValueError(f"{task} seed {seed} appears twice: in {entry['seed_from'][seed]} and in {name}")
+                entry["seeds"][seed] = per_seed
+                entry["seed_from"][seed] = name
+
+    results: dict = {"tasks": {}}
+    all_seeds: set[int] = set()
+    for task in TASK_ORDER:
+        if task in merged_tasks and merged_tasks[task]["seeds"]:
+            e = merged_tasks[task]
+            per_seed = {s: e["seeds"][s] for s in sorted(e["seeds"], key=int)}
+            all_seeds.update(int(s) for s in per_seed)
+            mean, std = summarize(per_seed)
+            results["tasks"][task] = {"seeds": per_seed, "mean": mean, "std": std,
+                                      "hyperparameters": e["hyperparameters"], "init": e["init"]}
+        elif task in skipped:
+            results["tasks"][task] = {"skipped": skipped[task]}
+    results["average"], results["average_over"] = glue_average(results)
+    metas = [data["meta"] for _, data in loaded]
+    walls = [m["wall_time_s"] for m in metas if isinstance(m.get("wall_time_s"), (int, float))]
+    results["meta"] = {
+        "model": model,
+        "seeds": sorted(all_seeds),
+        "hardware": "; ".join(_unique(m.get("hardware") for m in metas)) or None,
+        "glue_dir": "; ".join(_unique(str(m["glue_dir"]) for m in metas if m.get("glue_dir"))) or None,
+        "wall_time_s": max(walls) if walls else None,  # the runs ran side by side: the longest one
+        "wall_time_s_sum": round(sum(walls), 1) if walls else None,
+        "limited": "; ".join(_unique(m.get("limited") for m in metas)) or None,
+        "notes": list(notes),
+        "torch": "; ".join(_unique(m.get("torch") for m in metas)) or None,
+        "merged_from": [{"source": name, "tasks": sorted(t for t, r in data["tasks"].items() if "seeds" in r),
+                         "seeds": data["meta"].get("seeds"), "wall_time_s": data["meta"].get("wall_time_s")}
+                        for name, data in loaded],
+    }
     return results

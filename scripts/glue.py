@@ -4,6 +4,7 @@
   python scripts/glue.py --model runs/pretrain --tasks rte stsb --seeds 1 2 3 --output-dir runs/glue
   python scripts/glue.py --model CKPT --tasks mnli rte mrpc stsb --init-from-mnli auto
   python scripts/glue.py --random-init tiny --tasks rte --max-train-samples 64 --max-steps 5   # smoke test
+  python scripts/glue.py --merge runs/glue-*/results.json --output-dir runs/glue   # runs of separate processes -> one
 """
 
 import argparse
@@ -12,10 +13,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recipes.glue import TASK_ORDER, TASK_RECIPES, GlueOptions, default_glue_dir, run_glue  # noqa: E402
+from recipes.glue import (  # noqa: E402
+    TASK_ORDER,
+    TASK_RECIPES,
+    GlueOptions,
+    default_glue_dir,
+    merge_results,
+    run_glue,
+    write_results,
+)
+
+MERGE_ONLY = ("merge", "note")
 
 
-def parse_args(argv=None) -> GlueOptions:
+def build_parser() -> argparse.ArgumentParser:
     d = GlueOptions()
     table = "; ".join(f"{t}: lr {r.learning_rate:g}, {r.epochs:g} ep, batch {r.batch_size}, wd {r.weight_decay:g}"
                       for t, r in TASK_RECIPES.items())
@@ -54,11 +65,36 @@ def parse_args(argv=None) -> GlueOptions:
     p.add_argument("--torch-compile", action="store_true")
     p.add_argument("--report-to", default=d.report_to)
     p.add_argument("--no-progress-bar", dest="disable_tqdm", action="store_const", const=True, default=None)
-    return GlueOptions(**vars(p.parse_args(argv)))
+    m = p.add_argument_group("merging runs (no training)")
+    m.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="merge the results.json files of separate runs (e.g. one process per task and seed) into one "
+                        "results.json + results.md in --output-dir; refuses runs that disagree on model, "
+                        "hyperparameters or init, and a task's seed given twice")
+    m.add_argument("--note", action="append", default=[],
+                   help="with --merge: a line shown under the results table (repeatable)")
+    return p
+
+
+def parse_args(argv=None) -> GlueOptions:
+    args = vars(build_parser().parse_args(argv))
+    for k in MERGE_ONLY:
+        args.pop(k)
+    return GlueOptions(**args)
 
 
 def main(argv=None):
-    run_glue(parse_args(argv))
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.merge:
+        if args.model or args.random_init:
+            p.error("--merge trains nothing: leave out --model / --random-init")
+        results = merge_results(args.merge, notes=args.note)
+        print(write_results(results, args.output_dir).read_text())
+        return
+    if args.note:
+        p.error("--note goes with --merge")
+    opts = {k: v for k, v in vars(args).items() if k not in MERGE_ONLY}
+    run_glue(GlueOptions(**opts))
 
 
 if __name__ == "__main__":

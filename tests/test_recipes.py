@@ -27,7 +27,14 @@ from recipes.data import (  # noqa: E402
     premask,
     read_glue_tsv,
 )
-from recipes.glue import GlueOptions, pearson_spearman, run_glue, task_metrics  # noqa: E402
+from recipes.glue import (  # noqa: E402
+    GlueOptions,
+    merge_results,
+    pearson_spearman,
+    run_glue,
+    summarize,
+    task_metrics,
+)
 from recipes.pretraining import PretrainingOptions, run_pretraining, torch_weight_decay  # noqa: E402
 
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -301,3 +308,100 @@ def test_glue_cli_mnli_chain_random_init(glue_dir, tmp_path):
     assert {"accuracy", "accuracy_mm"} <= set(mnli)
     assert data["tasks"]["rte"]["init"].endswith(str(Path("mnli") / "seed7" / "model"))
     assert (out / "mnli" / "seed7" / "model" / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ merging GLUE runs
+
+
+def _glue_run(tasks: dict, model="ckpt/small", lr=1e-4, limited=None, init=None) -> dict:
+    """A results dict shaped like run_glue's: {task: {seed: score}}; "skipped" for a skipped task."""
+    out = {"tasks": {}}
+    for task, seeds in tasks.items():
+        if seeds == "skipped":
+            out["tasks"][task] = {"skipped": "train data not available"}
+            continue
+        metric = GLUE_TASKS[task].metrics[0]
+        per_seed = {str(s): {metric: v, "score": v, "steps": 10, "n_train": 100, "train_runtime_s": 1.0}
+                    for s, v in seeds.items()}
+        mean, std = summarize(per_seed)
+        out["tasks"][task] = {"seeds": per_seed, "mean": mean, "std": std,
+                              "hyperparameters": {"learning_rate": lr, "epochs": 3, "batch_size": 16,
+                                                  "weight_decay": 1e-5, "max_seq_length": 256},
+                              "init": init or model}
+    out["meta"] = {"model": model, "seeds": sorted({s for v in tasks.values() if v != "skipped" for s in v}),
+                   "hardware": "NVIDIA H100 80GB HBM3", "glue_dir": "glue", "wall_time_s": 10.0 + len(out["tasks"]),
+                   "limited": limited, "options": {}, "torch": "2.11"}
+    return out
+
+
+def test_glue_merge_results_files(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_glue_run({"rte": {1: 0.50, 2: 0.54}, "qqp": "skipped"})))
+    b.write_text(json.dumps(_glue_run({"rte": {3: 0.58}, "stsb": {1: 0.40}})))
+    res = merge_results([a, b], notes=["SST-2: 1 epoch"])
+    rte = res["tasks"]["rte"]
+    assert list(rte["seeds"]) == ["1", "2", "3"]
+    assert rte["mean"]["score"] == pytest.approx(0.54)
+    assert rte["std"]["accuracy"] == pytest.approx(np.std([0.50, 0.54, 0.58]))
+    assert res["tasks"]["stsb"]["mean"]["pearson"] == pytest.approx(0.40)
+    assert res["tasks"]["qqp"] == {"skipped": "train data not available"}
+    assert list(res["tasks"]) == ["qqp", "rte", "stsb"]  # GLUE order
+    assert res["average"] == pytest.approx((0.54 + 0.40) / 2) and res["average_over"] == 2
+    meta = res["meta"]
+    assert meta["seeds"] == [1, 2, 3] and meta["model"] == "ckpt/small" and meta["wall_time_s"] == 12.0
+    assert [m["source"] for m in meta["merged_from"]] == [str(a), str(b)]
+    # a task skipped in one run but trained in another is trained
+    again = merge_results([_glue_run({"stsb": "skipped"}), _glue_run({"stsb": {4: 0.3}})])
+    assert again["tasks"]["stsb"]["mean"]["score"] == pytest.approx(0.3)
+
+
+def test_glue_merge_cli(tmp_path):
+    """scripts/glue.py --merge writes results.json + results.md (called in-process: no training, no subprocess)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("glue_cli", REPO / "scripts" / "glue.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    paths = []
+    for i, run in enumerate([{"rte": {1: 0.5}}, {"rte": {2: 0.6}}, {"wnli": {1: 0.4}}]):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(_glue_run(run)))
+    cli.main(["--merge", *map(str, paths), "--output-dir", str(tmp_path / "merged"), "--note", "a quick check"])
+    data = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert set(data["tasks"]["rte"]["seeds"]) == {"1", "2"} and data["average_over"] == 2
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "| RTE | acc 55.00 ± 5.00 | 55.00 | 2 |" in md and "| WNLI | acc 40.00" in md
+    assert "Note: a quick check" in md
+    with pytest.raises(SystemExit):  # --merge trains nothing
+        cli.main(["--merge", str(paths[0]), "--model", "x", "--output-dir", str(tmp_path / "m2")])
+
+
+@pytest.mark.parametrize("other, message", [
+    (_glue_run({"rte": {2: 0.5}}, lr=3e-5), "rte: the runs disagree on hyperparameters"),
+    (_glue_run({"rte": {2: 0.5}}, init="mnli/seed1/model"), "rte: the runs disagree on init"),
+    (_glue_run({"rte": {2: 0.5}}, limited="max_steps=5"), "rte: the runs disagree on quick-run limits"),
+    (_glue_run({"rte": {2: 0.5}}, model="other/model"), "runs of different models"),
+    (_glue_run({"rte": {1: 0.5}}), "rte seed 1 appears twice"),
+    ({"tasks": {}}, "not a GLUE results.json"),
+])
+def test_glue_merge_refuses(other, message):
+    with pytest.raises(ValueError, match=message):
+        merge_results([_glue_run({"rte": {1: 0.5}, "wnli": {1: 0.4}}), other])
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_results([])
+
+
+def test_glue_merge_matches_one_process_run(glue_dir, tmp_path):
+    """Seeds run as separate processes and merged give the numbers of one run over both seeds."""
+    common = dict(random_init="tiny", tasks=["rte"], glue_dir=str(glue_dir), max_train_samples=32,
+                  max_steps=2, disable_tqdm=True)
+    together = run_glue(GlueOptions(seeds=[1, 2], output_dir=str(tmp_path / "both"), **common))
+    for seed in (1, 2):
+        run_glue(GlueOptions(seeds=[seed], output_dir=str(tmp_path / f"s{seed}"), **common))
+    merged = merge_results([tmp_path / "s2" / "results.json", tmp_path / "s1" / "results.json"])
+    for key in ("mean", "std"):
+        for metric in ("accuracy", "score", "train_loss", "eval_loss"):  # not the wall times
+            assert merged["tasks"]["rte"][key][metric] == pytest.approx(together["tasks"]["rte"][key][metric])
+    assert merged["tasks"]["rte"]["hyperparameters"] == together["tasks"]["rte"]["hyperparameters"]
+    limits = "max_train_samples=32, max_steps=2, random init tiny"
+    assert merged["meta"]["limited"] == together["meta"]["limited"] == limits
