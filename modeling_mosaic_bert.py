@@ -37,12 +37,27 @@ except ImportError:  # loaded from a folder on sys.path (tests, scripts)
 try:  # the Triton kernels are optional: without Triton, the model runs on PyTorch
     from .flash_attn_triton import flash_attn_varlen_func, unsupported_reason
     from .geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
+    from .layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
 except ImportError:
     try:
         from flash_attn_triton import flash_attn_varlen_func, unsupported_reason
         from geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
+        from layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
     except ImportError:
         flash_attn_varlen_func = unsupported_reason = geglu = geglu_unsupported_reason = None
+        dropout_add_layer_norm = layer_norm_unsupported_reason = None
+
+
+def kernel_policy_reason(backend: str, tensor: torch.Tensor) -> str | None:
+    """The choice every fused Triton kernel shares: why `config.attention_backend` keeps this tensor off the kernels,
+    or None. "torch" never takes them, "auto" only for float16/bfloat16 CUDA tensors, "triton" whenever they can run."""
+    if backend == "torch":
+        return "attention_backend is 'torch'"
+    if flash_attn_varlen_func is None:
+        return "Triton is not installed"
+    if backend == "auto" and not (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
+        return "'auto' uses the kernels for float16/bfloat16 CUDA tensors only"
+    return None
 
 
 class MosaicBertLayerNorm(nn.LayerNorm):
@@ -58,6 +73,29 @@ class MosaicBertLayerNorm(nn.LayerNorm):
             return F.layer_norm(
                 hidden_states.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps
             )
+
+
+class MosaicBertResidualLayerNorm(MosaicBertLayerNorm):
+    """The end of every encoder block, LN(dropout(x) + residual). Runs as one fused Triton kernel each way where
+    `kernel_policy_reason` allows (the sum and the dropout mask are never stored), else as dropout, add and
+    MosaicBertLayerNorm. Parameters and state-dict keys are those of nn.LayerNorm."""
+
+    def __init__(self, hidden_size: int, eps: float, dropout_prob: float, backend: str):
+        super().__init__(hidden_size, eps=eps)
+        self.dropout_prob = dropout_prob
+        self.backend = backend
+
+    def kernel_unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor) -> str | None:
+        """Why the fused kernel cannot run on these (total_tokens, hidden) inputs, or None."""
+        return kernel_policy_reason(self.backend, x) or layer_norm_unsupported_reason(
+            x, residual, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """(total_tokens, hidden) twice -> (total_tokens, hidden)."""
+        dropout_p = self.dropout_prob if self.training else 0.0
+        if self.kernel_unsupported_reason(x, residual) is None:
+            return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p)
+        return super().forward(F.dropout(x, dropout_p, self.training) + residual)
 
 
 class MosaicBertEmbeddings(nn.Module):
@@ -96,19 +134,15 @@ class MosaicBertGatedMLP(nn.Module):
         self.fusable_act = config.hidden_act == "gelu"
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.layernorm = MosaicBertLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = MosaicBertResidualLayerNorm(
+            config.hidden_size, config.layer_norm_eps, dropout_prob=0.0, backend=config.attention_backend
+        )
 
     def kernel_unsupported_reason(self, projected: torch.Tensor) -> str | None:
         """Why the fused GeGLU kernel cannot run on the (total_tokens, 2 * intermediate) projection, or None."""
-        if self.backend == "torch":
-            return "attention_backend is 'torch'"
-        if geglu is None:
-            return "Triton is not installed"
         if not self.fusable_act:
             return "the fused kernel computes the exact 'gelu' activation only"
-        if self.backend == "auto" and not (projected.is_cuda and projected.dtype in (torch.float16, torch.bfloat16)):
-            return "'auto' uses the kernel for float16/bfloat16 CUDA tensors only"
-        return geglu_unsupported_reason(projected)
+        return kernel_policy_reason(self.backend, projected) or geglu_unsupported_reason(projected)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(total_tokens, hidden) -> (total_tokens, hidden)."""
@@ -118,7 +152,7 @@ class MosaicBertGatedMLP(nn.Module):
         else:
             gate, value = projected.split(self.intermediate_size, dim=-1)
             activated = self.dropout(self.act(gate) * value)
-        return self.layernorm(self.wo(activated) + hidden_states)
+        return self.layernorm(self.wo(activated), hidden_states)
 
 
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -223,17 +257,11 @@ class MosaicBertSelfAttention(nn.Module):
 
     def kernel_unsupported_reason(self, query, key, value, cu_seqlens, slopes, output_attentions) -> str | None:
         """Why the Triton kernel cannot run this call, or None when it can."""
-        if self.backend == "torch":
-            return "attention_backend is 'torch'"
-        if flash_attn_varlen_func is None:
-            return "Triton is not installed"
         if output_attentions:
             return "the fused kernel does not return attention probabilities (output_attentions=True)"
         if self.training and self.dropout_p > 0:
             return "attention dropout is active"
-        if self.backend == "auto" and not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
-            return "'auto' uses the kernel for float16/bfloat16 CUDA tensors only"
-        return unsupported_reason(query, key, value, cu_seqlens, slopes)
+        return kernel_policy_reason(self.backend, query) or unsupported_reason(query, key, value, cu_seqlens, slopes)
 
     def forward(
         self,
@@ -266,12 +294,13 @@ class MosaicBertSelfOutput(nn.Module):
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = MosaicBertLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.LayerNorm = MosaicBertResidualLayerNorm(
+            config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob, config.attention_backend
+        )
 
     def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(total_tokens, hidden) twice -> (total_tokens, hidden)."""
-        return self.LayerNorm(self.dropout(self.dense(context)) + residual)
+        return self.LayerNorm(self.dense(context), residual)
 
 
 class MosaicBertAttention(nn.Module):

@@ -608,7 +608,7 @@ def test_torch_varlen_attention_matches_dense_reference(lengths, heads, head_dim
     slopes = m.alibi_slopes(heads) if dtype == torch.float32 else exact_slopes
     out, probs = m.torch_varlen_attention(q, k, v, cu_seqlens, slopes, 0.0, output_attentions)
     assert out.shape == q.shape and out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    tol = 1e-4 if dtype == torch.float32 else 1e-10  # fp32 scores reach ~40 with these inputs: errors ~1e-5
     for b, n in enumerate(lengths):
         s, e = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
         if n == 0:
