@@ -1,4 +1,5 @@
-"""The model on CUDA: the Triton kernel is the default attention and agrees with the PyTorch path.
+"""The model on CUDA: the Triton kernels (attention, GeGLU, residual LayerNorm) are the default and agree with the
+PyTorch path.
 
 Skipped without CUDA; run on the H100 machine with `python -m pytest tests/test_model_gpu.py`.
 Tolerances: bf16 autocast runs both paths in bf16 matmuls, so the kernel path must match the PyTorch path within a
@@ -68,8 +69,9 @@ def test_kernel_path_matches_torch_path_forward_and_gradients_within_2e_2(dtype)
 
     kernel_model = tiny_model(MosaicBertForMaskedLM)
     torch_model = copy.deepcopy(kernel_model)
-    for layer in torch_model.bert.encoder.layer:
-        layer.attention.self.backend = "torch"
+    for module in torch_model.modules():  # attention, feed-forward and residual LayerNorms: all on PyTorch
+        if hasattr(module, "backend"):
+            module.backend = "torch"
     ids, mask = ragged([1, 7, 127, 128, 129, 300], seed=1)
     labels = torch.where(torch.rand_like(ids, dtype=torch.float) < 0.3, ids, -100).masked_fill(mask == 0, -100)
     results = []
@@ -77,13 +79,60 @@ def test_kernel_path_matches_torch_path_forward_and_gradients_within_2e_2(dtype)
         with torch.autocast("cuda", dtype=dtype):
             out = model(ids, attention_mask=mask, labels=labels, output_hidden_states=True)
         out.loss.backward()
-        results.append((out, model.bert.encoder.layer[0].attention.self.Wqkv.weight.grad.clone()))
-    (k_out, k_grad), (t_out, t_grad) = results
+        results.append((out, [p.grad.clone() for p in model.parameters()]))
+    (k_out, k_grads), (t_out, t_grads) = results
     assert torch.isfinite(k_out.loss)
     for k_h, t_h in zip(k_out.hidden_states, t_out.hidden_states):
         assert rel_err(k_h, t_h) < 2e-2
     assert rel_err(k_out.logits, t_out.logits) < 2e-2
-    assert rel_err(k_grad, t_grad) < 2e-2
+    for (name, _), k_grad, t_grad in zip(kernel_model.named_parameters(), k_grads, t_grads):
+        assert rel_err(k_grad, t_grad) < 2e-2, name
+
+
+def test_fused_feed_forward_and_layer_norm_kernels_are_the_default_on_cuda_in_bf16():
+    import modeling_mosaic_bert
+
+    model = tiny_model(modeling_mosaic_bert.MosaicBertModel)
+    calls = {"geglu": 0, "dropout_add_layer_norm": 0}
+    originals = {name: getattr(modeling_mosaic_bert, name) for name in calls}
+
+    def counting(name):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        setattr(modeling_mosaic_bert, name, counting(name))
+    try:
+        ids, mask = ragged([5, 17, 1])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids, attention_mask=mask)
+    finally:
+        for name, fn in originals.items():
+            setattr(modeling_mosaic_bert, name, fn)
+    layers = model.config.num_hidden_layers
+    assert calls == {"geglu": layers, "dropout_add_layer_norm": 2 * layers}
+
+
+def test_training_with_dropout_on_the_fused_kernels_learns_a_batch():
+    """With hidden dropout 0.1 on the GeGLU and LayerNorm kernels, a few AdamW steps on one batch lower the loss."""
+    from modeling_mosaic_bert import MosaicBertForMaskedLM
+
+    model = tiny_model(MosaicBertForMaskedLM, hidden_dropout_prob=0.1).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, mask = ragged([64, 33, 128, 5], seed=3)
+    labels = torch.where(torch.rand_like(ids, dtype=torch.float) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    losses = []
+    for _ in range(20):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
 
 
 def test_kernel_path_is_batch_invariant():
