@@ -9,8 +9,8 @@ mkdir -p "$OUT"
 common=(--config "$CONFIG" --train-files "$DATA"/enwiki-*.txt.xz --cache-dir /tmp/tokcache --max-steps "$STEPS"
         --per-device-batch-size 256 --logging-steps 10 --eval-steps 100000 --save-steps 100000 --no-progress-bar
         --dataloader-num-workers 4 --seed 17)
-# The baseline sees one GPU only: with both visible, a plain (non-torchrun) Trainer wraps the model in DataParallel
-# over both, doubling the batch per step while train_results.json still reports 256 x 2 x 1 process.
+# The baseline sees one GPU only: a plain (non-torchrun) process that sees both is refused by the recipe (Trainer
+# would wrap the model in DataParallel and double the batch per step).
 CUDA_VISIBLE_DEVICES=0 python3 scripts/pretrain.py "${common[@]}" --grad-accum 2 --output-dir /tmp/base-1gpu \
     > "$OUT/pretrain_1gpu.log" 2>&1
 torchrun --nproc_per_node 2 scripts/pretrain.py "${common[@]}" --grad-accum 1 --output-dir /tmp/base-2gpu \

@@ -94,6 +94,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_one_gpu_per_process(args) -> None:
+    """Refuses a single process that sees several GPUs: Trainer would wrap the model in nn.DataParallel, multiplying
+    the per-device batch by the GPU count behind the recipe's back (and running slower than DDP)."""
+    if args.n_gpu > 1:
+        raise ValueError(
+            f"this process sees {args.n_gpu} GPUs: launch one process per GPU, e.g. `torchrun --nproc_per_node "
+            f"{args.n_gpu} scripts/...` (DDP), or pick one GPU with CUDA_VISIBLE_DEVICES=0"
+        )
+
+
 def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from . import REPO_ROOT
 from .common import (
     bf16_available,
+    check_one_gpu_per_process,
     finalize_hub_folder,
     hardware_description,
     import_model_code,
@@ -278,6 +279,7 @@ def run_task_seed(opts: GlueOptions, task: str, seed: int, tokenizer, init: str 
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         return task_metrics(task, preds, eval_pred.label_ids)
 
+    check_one_gpu_per_process(args)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds,
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
                       processing_class=tokenizer, compute_metrics=compute)

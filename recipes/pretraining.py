@@ -25,6 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .common import (
     bf16_available,
+    check_one_gpu_per_process,
     default_peak_tflops,
     finalize_hub_folder,
     hardware_description,
@@ -474,6 +475,7 @@ def run_pretraining(opts: PretrainingOptions) -> dict:
         eval_ds = PackedDataset(np.asarray(eval_ids), masked, labels)
 
     args = build_training_arguments(opts, n_train=n_train, iterable=bool(opts.dataset))
+    check_one_gpu_per_process(args)
     if eval_ds is None:
         args.eval_strategy = "no"
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

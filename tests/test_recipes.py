@@ -405,3 +405,14 @@ def test_glue_merge_matches_one_process_run(glue_dir, tmp_path):
     assert merged["tasks"]["rte"]["hyperparameters"] == together["tasks"]["rte"]["hyperparameters"]
     limits = "max_train_samples=32, max_steps=2, random init tiny"
     assert merged["meta"]["limited"] == together["meta"]["limited"] == limits
+
+
+def test_a_process_that_sees_several_gpus_is_refused_with_the_torchrun_command():
+    from types import SimpleNamespace
+
+    from recipes.common import check_one_gpu_per_process
+
+    check_one_gpu_per_process(SimpleNamespace(n_gpu=1))
+    check_one_gpu_per_process(SimpleNamespace(n_gpu=0))
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node 2"):
+        check_one_gpu_per_process(SimpleNamespace(n_gpu=2))
