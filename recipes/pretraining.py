@@ -585,4 +585,8 @@ def run_pretraining(opts: PretrainingOptions) -> dict:
         print(f"[pretrain] done: {facts['global_step']} steps, {facts['tokens_seen']:,} tokens, final train loss "
               f"{_fmt(facts['final_train_loss'])}, eval loss {_fmt(facts['eval_loss'])}, MLM acc "
               f"{_fmt(facts['eval_mlm_accuracy'])}; saved to {out}")
+        if facts["stopped_by_time_budget"] and args.max_steps > facts["global_step"]:
+            print(f"[pretrain] note: the time budget stopped the run at step {facts['global_step']} of the "
+                  f"{args.max_steps} its learning-rate schedule was planned for, so the rate had not decayed; for a "
+                  f"complete schedule in this time, pass --max-steps {facts['global_step']}")
     return facts

@@ -222,13 +222,14 @@ def test_resume_and_tokenization_cache(pretrain_run, cache_dir, tmp_path):
     assert facts["tokens_seen"] == 30 * 8 * 64  # restored counter continued
 
 
-def test_time_budget_stops_training(tmp_path, cache_dir):
+def test_time_budget_stops_training_and_names_the_steps_that_fit(tmp_path, cache_dir, capsys):
     facts = run_pretraining(PretrainingOptions(
         config="tiny", max_steps=10_000, per_device_batch_size=8, max_seq_length=64, max_time_minutes=0.05,
         eval_samples=8,
         save_steps=100_000, output_dir=str(tmp_path / "budget"), cache_dir=str(cache_dir), disable_tqdm=True))
     assert facts["stopped_by_time_budget"] and 0 < facts["global_step"] < 10_000
     assert (tmp_path / "budget" / "model.safetensors").exists()
+    assert f"pass --max-steps {facts['global_step']}" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ GLUE
