@@ -4,6 +4,9 @@ Tokens are unpadded once, when they enter `MosaicBertModel`: every matmul, Layer
 the real tokens of the batch, concatenated as (total_tokens, hidden). Attention runs sequence by sequence through
 `cu_seqlens`, either in the fused Triton kernel of `flash_attn_triton.py` (CUDA, fp16/bf16) or in PyTorch's
 scaled_dot_product_attention. Outputs are padded back to (batch, seqlen, ...) only when they leave the model.
+Two more Triton kernels fuse the rest of a block's elementwise work on the same devices: the GeGLU activation with its
+dropout (`geglu_triton.py`) and dropout + residual + LayerNorm (`layernorm_triton.py`); `kernel_policy_reason`
+decides, for all three, from `config.attention_backend`.
 """
 
 import math
