@@ -136,11 +136,33 @@ def flops_per_token(model, seq_len: int) -> float:
 class MLMTrainer(Trainer):
     """Trainer that adds tokens/s and MFU to every training log line (so they land in log_history)."""
 
-    def __init__(self, *args, flops_per_token: float = 0.0, peak_tflops: float | None = None, **kwargs):
+    def __init__(self, *args, flops_per_token: float = 0.0, peak_tflops: float | None = None,
+                 time_budget: "TimeBudgetCallback | None" = None, schedule: tuple[float, float] = (0.06, 0.02),
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self._fpt = flops_per_token
         self._peak = peak_tflops
         self._last = None  # (time, tokens)
+        self.time_budget = time_budget
+        self.schedule = schedule  # (warmup_ratio, min_lr_ratio)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The recipe's schedule (`schedule_factor`) over the run's progress: the step fraction, or, with a time budget,
+        the larger of the step fraction and the budget fraction, so that a run stopped by its budget has warmed up,
+        decayed and ended at the end of its schedule."""
+        if self.lr_scheduler is None:
+            budget, (warmup_ratio, min_lr_ratio) = self.time_budget, self.schedule
+
+            def factor(step: int) -> float:
+                progress = step / max(num_training_steps, 1)
+                if budget is not None:
+                    progress = max(progress, budget.fraction)
+                return schedule_factor(progress, warmup_ratio, min_lr_ratio)
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer if optimizer is None else optimizer,
+                                                                  factor)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self.args.include_num_input_tokens_seen != "no":
@@ -166,30 +188,62 @@ class ThroughputStartCallback(TrainerCallback):
 
 
 class TimeBudgetCallback(TrainerCallback):
-    """Stop training (and save a checkpoint) once `minutes` of training time have passed in this session.
-    Rank 0's clock decides, broadcast every step, so all ranks stop at the same step."""
+    """A training-time budget: stops training (and saves a checkpoint) once `minutes` of training have passed, counted
+    over every session of a resumed run (each checkpoint records the time spent in `time_budget.json`), and exposes
+    the spent fraction to the learning-rate schedule. Rank 0's clock decides and is broadcast every step, so all ranks
+    see the same fraction and stop at the same step."""
 
-    def __init__(self, minutes: float):
+    FILE = "time_budget.json"
+
+    def __init__(self, minutes: float, spent_seconds: float = 0.0):
         self.seconds = minutes * 60.0
+        self.spent_seconds = spent_seconds  # training time of earlier sessions
+        self.fraction = spent_seconds / self.seconds  # of the budget, as of the last finished step
         self.t0 = None
         self.stopped_at_step = None
 
+    @classmethod
+    def resumed(cls, minutes: float, checkpoint: str | None) -> "TimeBudgetCallback":
+        """The budget of a run resumed from `checkpoint` (or a fresh one): continues from the time spent there."""
+        record = Path(checkpoint) / cls.FILE if checkpoint else None
+        spent = json.loads(record.read_text())["spent_seconds"] if record and record.exists() else 0.0
+        return cls(minutes, spent_seconds=spent)
+
+    def on_save(self, args, state, control, **kw):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if is_main_process() and folder.is_dir():
+            write_json(folder / self.FILE, {"spent_seconds": self._spent_now(), "budget_seconds": self.seconds})
+
+    def _spent_now(self) -> float:
+        return self.spent_seconds + (time.time() - self.t0 if self.t0 is not None else 0.0)
+
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.time()
+        self.fraction = self.spent_seconds / self.seconds
 
     def on_step_end(self, args, state, control, **kw):
-        stop = (time.time() - self.t0) >= self.seconds
+        fraction = self._spent_now() / self.seconds
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([1.0 if stop else 0.0], device=args.device)
-            torch.distributed.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        if stop and not control.should_training_stop:
+            shared = torch.tensor([fraction], dtype=torch.float64, device=args.device)
+            torch.distributed.broadcast(shared, src=0)
+            fraction = float(shared.item())
+        self.fraction = fraction
+        if fraction >= 1.0 and not control.should_training_stop:
             self.stopped_at_step = state.global_step
             control.should_training_stop = True
             control.should_save = True
-            logger.warning("Time budget of %.1f min reached at step %d; stopping.", self.seconds / 60,
+            logger.warning("Time budget of %.3g min reached at step %d; stopping.", self.seconds / 60,
                            state.global_step)
         return control
+
+
+def schedule_factor(progress: float, warmup_ratio: float, min_lr_ratio: float) -> float:
+    """The recipe's learning-rate multiplier at `progress` in [0, 1] of the run: linear warm-up from 0 to 1 over the
+    first `warmup_ratio`, then linear decay to `min_lr_ratio` at the end (MosaicBERT's schedule)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup_ratio:
+        return progress / warmup_ratio
+    return 1.0 - (1.0 - min_lr_ratio) * (progress - warmup_ratio) / max(1.0 - warmup_ratio, 1e-12)
 
 
 def mlm_accuracy_preprocess(logits, labels):
@@ -322,8 +376,7 @@ def build_training_arguments(opts: PretrainingOptions, n_train: int | None, iter
     on_gpu = torch.cuda.is_available()
     bs = opts.per_device_batch_size or (128 if on_gpu else 32)
     prec = _precision(opts)
-    # total optimizer steps (as the Trainer computes them) -> integer warm-up steps, which every
-    # transformers version reads the same way
+    # total optimizer steps (as the Trainer computes them), for the default evaluation interval
     if opts.max_steps and opts.max_steps > 0:
         total_steps = opts.max_steps
     elif n_train:
@@ -331,13 +384,8 @@ def build_training_arguments(opts: PretrainingOptions, n_train: int | None, iter
         total_steps = math.ceil(per_epoch * opts.num_train_epochs)
     else:
         total_steps = None
-    warmup_steps = int(round(opts.warmup_ratio * total_steps)) if total_steps else 0
     eval_steps = opts.eval_steps or (max(1, total_steps // 10) if total_steps else 1000)
     wd = torch_weight_decay(opts.learning_rate, opts.weight_decay, opts.weight_decay_mode)
-    if opts.min_lr_ratio > 0:
-        sched, sched_kw = "polynomial", {"lr_end": opts.learning_rate * opts.min_lr_ratio, "power": 1.0}
-    else:
-        sched, sched_kw = "linear", {}
     fsdp_config = opts.fsdp_config
     if fsdp_config and os.path.isfile(fsdp_config):
         fsdp_config = json.loads(Path(fsdp_config).read_text())
@@ -361,9 +409,6 @@ def build_training_arguments(opts: PretrainingOptions, n_train: int | None, iter
         weight_decay=wd,
         optim="adamw_torch",
         max_grad_norm=opts.max_grad_norm,
-        lr_scheduler_type=sched,
-        lr_scheduler_kwargs=sched_kw,
-        warmup_steps=warmup_steps,
         max_steps=opts.max_steps if opts.max_steps else -1,
         num_train_epochs=opts.num_train_epochs,
         bf16=prec == "bf16",
@@ -493,6 +538,12 @@ def run_pretraining(opts: PretrainingOptions) -> dict:
         model.gradient_checkpointing_enable()
     peak = opts.peak_tflops if opts.peak_tflops is not None else default_peak_tflops()
     fpt = flops_per_token(model, opts.max_seq_length)
+    resume = opts.resume
+    if resume in ("auto", "latest", "true", "True"):
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if resume is None:
+            logger.warning("--resume auto: no checkpoint in %s, starting from scratch", out)
+    budget = TimeBudgetCallback.resumed(opts.max_time_minutes, resume) if opts.max_time_minutes else None
     trainer = MLMTrainer(
         model=model,
         args=args,
@@ -504,18 +555,13 @@ def run_pretraining(opts: PretrainingOptions) -> dict:
         preprocess_logits_for_metrics=mlm_accuracy_preprocess,
         flops_per_token=fpt,
         peak_tflops=peak,
+        time_budget=budget,
+        schedule=(opts.warmup_ratio, opts.min_lr_ratio),
     )
     trainer.add_callback(ThroughputStartCallback(trainer))
-    budget = None
-    if opts.max_time_minutes:
-        budget = TimeBudgetCallback(opts.max_time_minutes)
+    if budget is not None:
         trainer.add_callback(budget)
 
-    resume = opts.resume
-    if resume in ("auto", "latest", "true", "True"):
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if resume is None:
-            logger.warning("--resume auto: no checkpoint in %s, starting from scratch", out)
     if resume and is_main_process():
         print(f"[pretrain] resuming from {resume}")
 
@@ -585,8 +631,4 @@ def run_pretraining(opts: PretrainingOptions) -> dict:
         print(f"[pretrain] done: {facts['global_step']} steps, {facts['tokens_seen']:,} tokens, final train loss "
               f"{_fmt(facts['final_train_loss'])}, eval loss {_fmt(facts['eval_loss'])}, MLM acc "
               f"{_fmt(facts['eval_mlm_accuracy'])}; saved to {out}")
-        if facts["stopped_by_time_budget"] and args.max_steps > facts["global_step"]:
-            print(f"[pretrain] note: the time budget stopped the run at step {facts['global_step']} of the "
-                  f"{args.max_steps} its learning-rate schedule was planned for, so the rate had not decayed; for a "
-                  f"complete schedule in this time, pass --max-steps {facts['global_step']}")
     return facts

@@ -58,7 +58,8 @@ def parse_args(argv=None) -> PretrainingOptions:
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (-1: use --num-train-epochs)")
     g.add_argument("--num-train-epochs", type=float, default=d.num_train_epochs)
-    g.add_argument("--max-time-minutes", type=float, help="stop (and save) after this much training time")
+    g.add_argument("--max-time-minutes", type=float,
+                   help="training-time budget: the lr schedule also runs on it; stop (and save) when it is spent")
     g.add_argument("--per-device-batch-size", type=int, help="default 128 on GPU, 32 on CPU")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
     g.add_argument("--seed", type=int, default=d.seed)

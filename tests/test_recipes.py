@@ -35,7 +35,13 @@ from recipes.glue import (  # noqa: E402
     summarize,
     task_metrics,
 )
-from recipes.pretraining import PretrainingOptions, run_pretraining, torch_weight_decay  # noqa: E402
+from recipes.pretraining import (  # noqa: E402
+    PretrainingOptions,
+    TimeBudgetCallback,
+    run_pretraining,
+    schedule_factor,
+    torch_weight_decay,
+)
 
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 
@@ -222,14 +228,52 @@ def test_resume_and_tokenization_cache(pretrain_run, cache_dir, tmp_path):
     assert facts["tokens_seen"] == 30 * 8 * 64  # restored counter continued
 
 
-def test_time_budget_stops_training_and_names_the_steps_that_fit(tmp_path, cache_dir, capsys):
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+    assert schedule_factor(0.0, 0.06, 0.02) == 0.0
+    assert schedule_factor(0.03, 0.06, 0.02) == pytest.approx(0.5)
+    assert schedule_factor(0.06, 0.06, 0.02) == pytest.approx(1.0)
+    assert schedule_factor(0.53, 0.06, 0.02) == pytest.approx(1.0 - 0.98 * 0.5)
+    assert schedule_factor(1.0, 0.06, 0.02) == pytest.approx(0.02)
+    assert schedule_factor(1.7, 0.06, 0.0) == 0.0  # past the end: the floor
+
+
+def test_step_schedule_follows_the_recipe_at_every_logged_step(tmp_path, cache_dir):
+    run_pretraining(PretrainingOptions(
+        config="tiny", max_steps=20, learning_rate=1e-3, warmup_ratio=0.1, min_lr_ratio=0.02, per_device_batch_size=4,
+        max_seq_length=32, eval_samples=4, logging_steps=1, save_steps=100_000, output_dir=str(tmp_path / "sched"),
+        cache_dir=str(cache_dir), disable_tqdm=True))
+    hist = json.loads((tmp_path / "sched" / "log_history.json").read_text())
+    logged = {h["step"]: h["learning_rate"] for h in hist if "learning_rate" in h}
+    assert len(logged) >= 19
+    for step, lr in logged.items():  # the rate logged at step k is the one step k used: the schedule at (k - 1) / 20
+        assert lr == pytest.approx(1e-3 * schedule_factor((step - 1) / 20, 0.1, 0.02), rel=1e-6, abs=1e-12), step
+
+
+def test_time_budget_stops_training_at_the_end_of_its_schedule(tmp_path, cache_dir):
     facts = run_pretraining(PretrainingOptions(
-        config="tiny", max_steps=10_000, per_device_batch_size=8, max_seq_length=64, max_time_minutes=0.05,
-        eval_samples=8,
-        save_steps=100_000, output_dir=str(tmp_path / "budget"), cache_dir=str(cache_dir), disable_tqdm=True))
+        config="tiny", max_steps=10_000, learning_rate=1e-3, per_device_batch_size=8, max_seq_length=64,
+        max_time_minutes=0.05, eval_samples=8, logging_steps=1, save_steps=100_000, output_dir=str(tmp_path / "budget"),
+        cache_dir=str(cache_dir), disable_tqdm=True))
     assert facts["stopped_by_time_budget"] and 0 < facts["global_step"] < 10_000
     assert (tmp_path / "budget" / "model.safetensors").exists()
-    assert f"pass --max-steps {facts['global_step']}" in capsys.readouterr().out
+    rates = [h["learning_rate"] for h in json.loads((tmp_path / "budget" / "log_history.json").read_text())
+             if "learning_rate" in h]
+    # the schedule ran on the 3-second budget, not on the 10,000 steps: it reached its peak and decayed to its floor
+    assert max(rates) > 0.9e-3
+    assert rates[-1] < 0.1e-3
+    # the checkpoint saved at the stop records the time spent, for a resumed run to continue the budget
+    record = tmp_path / "budget" / f"checkpoint-{facts['global_step']}" / TimeBudgetCallback.FILE
+    assert json.loads(record.read_text())["spent_seconds"] >= 3.0
+
+
+def test_time_budget_continues_from_the_time_a_checkpoint_recorded(tmp_path):
+    checkpoint = tmp_path / "checkpoint-40"
+    checkpoint.mkdir()
+    (checkpoint / TimeBudgetCallback.FILE).write_text(json.dumps({"spent_seconds": 45.0, "budget_seconds": 60.0}))
+    resumed = TimeBudgetCallback.resumed(1.0, str(checkpoint))
+    assert resumed.spent_seconds == 45.0 and resumed.fraction == pytest.approx(0.75)
+    assert TimeBudgetCallback.resumed(1.0, None).fraction == 0.0
+    assert TimeBudgetCallback.resumed(1.0, str(tmp_path)).fraction == 0.0  # a checkpoint of a run without a budget
 
 
 # ------------------------------------------------------------------------------------------------ GLUE
