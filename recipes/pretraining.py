@@ -307,7 +307,9 @@ def write_model_card(out: Path, facts: dict) -> None:
         f"| optimiser | AdamW lr {facts['learning_rate']}, betas ({facts['adam_beta1']}, {facts['adam_beta2']}), "
         f"eps {facts['adam_epsilon']}, weight decay {facts['weight_decay']} ({facts['weight_decay_mode']}; torch "
         f"AdamW weight_decay={_fmt(facts['torch_weight_decay'], 6)}), warm-up {facts['warmup_ratio']:.0%}, linear "
-        f"decay to {facts['min_lr_ratio']} x lr |",
+        f"decay to {facts['min_lr_ratio']} x lr"
+        + (f" over a {facts['options']['max_time_minutes']:g}-minute training budget (or the steps, if fewer)"
+           if facts.get("options", {}).get("max_time_minutes") else "") + " |",
         f"| masking | {facts['mlm_probability']:.0%} (train), {facts['eval_mlm_probability']:.0%} (eval) |",
         f"| precision | {facts['precision']} |",
         f"| hardware | {facts['hardware']} |",
