@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 
 
-def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, lengths: tuple[int, int] | None = None):
     """Drops the padded positions of a batch.
 
     Args:
         hidden_states: (batch, seqlen, ...) values to unpad (token ids, embeddings, labels, ...).
         attention_mask: (batch, seqlen), 1 for real tokens and 0 for padding, anywhere in the row.
+        lengths: (total real tokens, longest sequence) when the caller already has them on the host; otherwise they
+            are read from the mask in one host synchronisation (the only one here: the gather uses the known count).
 
     Returns:
         unpadded: (total_tokens, ...) the real tokens, sequence after sequence, in their original order.
@@ -23,10 +25,16 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
         max_seqlen: python int, the longest sequence in the batch.
     """
     seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+    if lengths is None:
+        lengths = tuple(torch.stack([seqlens.sum(), seqlens.max()]).tolist()) if seqlens.numel() else (0, 0)
+    total_tokens, max_seqlen = lengths
+    flat = attention_mask.flatten()
+    if flat.device.type in ("cpu", "cuda"):  # the count is known: no second synchronisation
+        indices = torch.nonzero_static(flat, size=total_tokens).flatten()
+    else:
+        indices = torch.nonzero(flat).flatten()
     cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
-    return index_first_axis(hidden_states, indices), indices, cu_seqlens, max_seqlen
+    return index_first_axis(hidden_states, indices), indices, cu_seqlens, int(max_seqlen)
 
 
 def index_first_axis(padded: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -464,11 +464,13 @@ class UnpaddedEncoding:
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embeds) -> None:
+def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embeds) -> tuple[int, int] | None:
     """Raises ValueError for inputs the model cannot take, before anything indexes with them.
 
     input_ids (batch, seqlen) integer ids in [0, vocab_size), or inputs_embeds (batch, seqlen, hidden);
     attention_mask (batch, seqlen) of 0/1; token_type_ids (batch, seqlen) in [0, type_vocab_size).
+    Returns (total real tokens, longest sequence) of a valid attention_mask, read in the same host synchronisation as
+    the value checks (None without a mask), so that unpadding needs no other.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -501,10 +503,12 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
         checks["input_ids_min"], checks["input_ids_max"] = input_ids.min(), input_ids.max()
     if attention_mask is not None:
         checks["mask_bad"] = ((attention_mask != 0) & (attention_mask != 1)).any()
+        lengths = (attention_mask != 0).sum(dim=-1)
+        checks["total_tokens"], checks["max_seqlen"] = lengths.sum(), lengths.max()
     if token_type_ids is not None:
         checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
     if not checks:  # inputs_embeds without attention_mask or token_type_ids: nothing to look at
-        return
+        return None
     values = dict(zip(checks, torch.stack([v.to(torch.int64) for v in checks.values()]).tolist()))
     if "input_ids_min" in values and (values["input_ids_min"] < 0 or values["input_ids_max"] >= config.vocab_size):
         bad = values["input_ids_min"] if values["input_ids_min"] < 0 else values["input_ids_max"]
@@ -515,6 +519,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
     if "types_min" in values and (values["types_min"] < 0 or values["types_max"] >= config.type_vocab_size):
         bad = values["types_min"] if values["types_min"] < 0 else values["types_max"]
         raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {config.type_vocab_size})")
+    return (values["total_tokens"], values["max_seqlen"]) if "total_tokens" in values else None
 
 
 def labels_of_real_tokens(labels: torch.Tensor, encoding: UnpaddedEncoding) -> torch.Tensor:
@@ -600,14 +605,15 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         input_ids, attention_mask, token_type_ids: (batch, seqlen); inputs_embeds: (batch, seqlen, hidden).
         Padding may sit anywhere in a row; ALiBi positions count real tokens only.
         """
-        check_inputs(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
+        lengths = check_inputs(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
         padded = input_ids if input_ids is not None else inputs_embeds
         batch_size, seqlen = padded.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seqlen, dtype=torch.int32, device=padded.device)
+            lengths = (batch_size * seqlen, seqlen)
         if token_type_ids is None:
             token_type_ids = torch.zeros(batch_size, seqlen, dtype=torch.long, device=padded.device)
-        padded, indices, cu_seqlens, max_seqlen = unpad_input(padded, attention_mask.to(torch.int32))
+        padded, indices, cu_seqlens, max_seqlen = unpad_input(padded, attention_mask.to(torch.int32), lengths)
         token_type_ids = index_first_axis(token_type_ids, indices)
         if input_ids is not None:
             hidden_states = self.embeddings(padded, token_type_ids, None)

@@ -93,3 +93,23 @@ def test_pad_input_gradcheck():
     _, indices, _, _ = unpad_input(torch.zeros(B, S, 1), MASK)
     x = torch.randn(int(MASK.sum()), 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: pad_input(t, indices, B, S), (x,))
+
+
+def test_unpad_input_with_known_lengths_matches_reading_them_from_the_mask():
+    B, S = MASK.shape
+    hidden = torch.randn(B, S, 3)
+    read = unpad_input(hidden, MASK)
+    known = unpad_input(hidden, MASK, lengths=(int(MASK.sum()), int(MASK.sum(-1).max())))
+    for a, b in zip(read, known):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_check_inputs_returns_the_lengths_unpadding_needs():
+    from configuration_mosaic_bert import MosaicBertConfig
+    from modeling_mosaic_bert import check_inputs
+
+    config = MosaicBertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
+    ids = torch.randint(0, 64, MASK.shape)
+    float_mask = MASK.float()  # any 0/1 dtype
+    assert check_inputs(config, ids, float_mask, None, None) == (int(MASK.sum()), int(MASK.sum(-1).max()))
+    assert check_inputs(config, ids, None, None, None) is None  # no mask: every token is real, nothing to read
