@@ -28,13 +28,17 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, lengt
     if lengths is None:
         lengths = tuple(torch.stack([seqlens.sum(), seqlens.max()]).tolist()) if seqlens.numel() else (0, 0)
     total_tokens, max_seqlen = lengths
-    flat = attention_mask.flatten()
-    if flat.device.type in ("cpu", "cuda"):  # the count is known: no second synchronisation
-        indices = torch.nonzero_static(flat, size=total_tokens).flatten()
-    else:
-        indices = torch.nonzero(flat).flatten()
+    indices = true_positions(attention_mask.flatten(), total_tokens)
     cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
     return index_first_axis(hidden_states, indices), indices, cu_seqlens, int(max_seqlen)
+
+
+def true_positions(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """(count,) int64 positions of the nonzero entries of the 1-D `flags`, which must hold exactly `count` of them.
+    Knowing the count lets CPU and CUDA skip the host synchronisation `torch.nonzero` needs."""
+    if flags.device.type in ("cpu", "cuda"):
+        return torch.nonzero_static(flags, size=count).flatten()
+    return torch.nonzero(flags).flatten()
 
 
 def index_first_axis(padded: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -49,4 +53,4 @@ def pad_input(unpadded: torch.Tensor, indices: torch.Tensor, batch: int, seqlen:
     return padded.view(batch, seqlen, *unpadded.shape[1:])
 
 
-__all__ = ["unpad_input", "pad_input", "index_first_axis"]
+__all__ = ["unpad_input", "pad_input", "index_first_axis", "true_positions"]

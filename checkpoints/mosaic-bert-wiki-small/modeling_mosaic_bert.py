@@ -31,10 +31,10 @@ from transformers.modeling_outputs import (
 from transformers.utils.generic import can_return_tuple
 
 try:  # loaded as Hub remote code, inside a package
-    from .bert_padding import index_first_axis, pad_input, unpad_input
+    from .bert_padding import index_first_axis, pad_input, true_positions, unpad_input
     from .configuration_mosaic_bert import MosaicBertConfig
 except ImportError:  # loaded from a folder on sys.path (tests, scripts)
-    from bert_padding import index_first_axis, pad_input, unpad_input
+    from bert_padding import index_first_axis, pad_input, true_positions, unpad_input
     from configuration_mosaic_bert import MosaicBertConfig
 
 try:  # the Triton kernels are optional: without Triton, the model runs on PyTorch
@@ -522,16 +522,31 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
     return (values["total_tokens"], values["max_seqlen"]) if "total_tokens" in values else None
 
 
-def labels_of_real_tokens(labels: torch.Tensor, encoding: UnpaddedEncoding) -> torch.Tensor:
-    """(batch, seqlen) token labels -> (total_tokens,). A label other than -100 on a padded position is an error."""
+def labels_of_real_tokens(
+    labels: torch.Tensor, encoding: UnpaddedEncoding, num_classes: int
+) -> tuple[torch.Tensor, int]:
+    """(batch, seqlen) token labels -> (total_tokens,) labels of the real tokens, and how many of them are not -100.
+
+    Raises ValueError for a label other than -100 on a padded position and for labels outside [0, num_classes) and
+    not -100; every value check shares one host synchronisation.
+    """
     if tuple(labels.shape) != (encoding.batch_size, encoding.seqlen):
         raise ValueError(
-            f"labels must have shape {(encoding.batch_size, encoding.seqlen)} (one per token), got {tuple(labels.shape)}"
+            f"labels must have shape {(encoding.batch_size, encoding.seqlen)} (one per token), "
+            f"got {tuple(labels.shape)}"
         )
+    if labels.dtype != torch.int64:  # what cross_entropy takes
+        raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
     real = encoding.unpad(labels)
-    if int((labels != -100).sum()) != int((real != -100).sum()):
+    labelled = real != -100
+    out_of_range = labelled & ((real < 0) | (real >= num_classes))
+    n_everywhere, n_real, n_bad = torch.stack([(labels != -100).sum(), labelled.sum(), out_of_range.sum()]).tolist()
+    if n_everywhere != n_real:
         raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
-    return real
+    if n_bad:
+        bad = real[out_of_range].unique()[:5].tolist()
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be -100, got values {bad}")
+    return real, n_real
 
 
 def check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
@@ -540,7 +555,8 @@ def check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
     valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
     if not bool(valid.all()):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be -100, got values {labels[~valid].unique()[:5].tolist()}")
+        bad = labels[~valid].unique()[:5].tolist()
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be -100, got values {bad}")
 
 
 def _output_flags(config, output_attentions, output_hidden_states) -> dict:
@@ -722,10 +738,9 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         if labels is None:
             logits = encoding.pad(self.cls(encoding.hidden_states))
         else:
-            labels = labels_of_real_tokens(labels, encoding)
-            labelled = torch.nonzero(labels != -100).flatten()
+            labels, n_labelled = labels_of_real_tokens(labels, encoding, self.config.vocab_size)
+            labelled = true_positions(labels != -100, n_labelled)
             targets = labels[labelled]
-            check_class_labels(targets, self.config.vocab_size)
             logits = self.cls(encoding.hidden_states[labelled])
             # A batch with nothing labelled contributes a zero loss (not NaN) that still reaches every head weight.
             loss = F.cross_entropy(upcast(logits), targets) if targets.numel() else upcast(logits).sum()
@@ -874,8 +889,7 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         token_logits = self.classifier(self.dropout(encoding.hidden_states))  # (total_tokens, num_labels)
         loss = None
         if labels is not None:
-            labels = labels_of_real_tokens(labels, encoding)
-            check_class_labels(labels, self.num_labels)
+            labels, _ = labels_of_real_tokens(labels, encoding, self.num_labels)
             loss = CrossEntropyLoss()(upcast(token_logits), labels)
         return TokenClassifierOutput(
             loss=loss,
