@@ -189,3 +189,27 @@ def test_compiled_layers_match_eager_in_bf16():
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.inference_mode():
         out = compiled(ids, attention_mask=mask).logits
     assert rel_err(out, eager) < 2e-2
+
+
+def test_masked_lm_forward_with_labels_synchronises_with_the_host_twice():
+    """The input checks with the unpadding lengths, then the label checks with the labelled count: two host reads;
+    everything else (ALiBi slopes, gathers with known counts, kernel choice) stays on the device."""
+    import warnings
+
+    from modeling_mosaic_bert import MosaicBertForMaskedLM
+
+    model = tiny_model(MosaicBertForMaskedLM)
+    ids, mask = ragged([5, 17, 1, 64], seed=4)
+    labels = torch.where(torch.rand_like(ids, dtype=torch.float) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(ids, attention_mask=mask, labels=labels)  # warm-up: lazy initialisation may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(ids, attention_mask=mask, labels=labels)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 2, [str(w.message) for w in syncs]
