@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one H100 session behind the committed GPU figures: GPU tests, the model benchmark, then the pretraining run of
-# the shipped small checkpoint and its GLUE fine-tuning. Run from the repo root with the corpus and GLUE copies in
+# The first H100 session of 2026-11-27 (commit 62beb63; results/*_2026-11-27.* without "_fused"): GPU tests, the model
+# benchmark, then the pretraining run of the then-shipped small checkpoint and its GLUE fine-tuning. The current figures
+# come from benchmarks/speed_session.sh, pretrain_sizes_session.sh and glue_ddp_session.sh. Run from the repo root with the corpus and GLUE copies in
 # $DATA (default .data: enwiki-*.txt.xz and glue/). Everything lands under $OUT.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true

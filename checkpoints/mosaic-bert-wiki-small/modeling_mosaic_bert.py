@@ -535,8 +535,7 @@ def labels_of_real_tokens(
             f"labels must have shape {(encoding.batch_size, encoding.seqlen)} (one per token), "
             f"got {tuple(labels.shape)}"
         )
-    if labels.dtype != torch.int64:  # what cross_entropy takes
-        raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
+    check_label_dtype(labels)
     real = encoding.unpad(labels)
     labelled = real != -100
     out_of_range = labelled & ((real < 0) | (real >= num_classes))
@@ -544,15 +543,18 @@ def labels_of_real_tokens(
     if n_everywhere != n_real:
         raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
     if n_bad:
-        bad = real[out_of_range].unique()[:5].tolist()
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be -100, got values {bad}")
+        check_class_labels(real, num_classes)  # raises, naming the bad values
     return real, n_real
+
+
+def check_label_dtype(labels: torch.Tensor) -> None:
+    if labels.dtype != torch.int64:  # what cross_entropy takes
+        raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
 
 
 def check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Class labels must be integer ids in [0, num_classes) or -100 (ignored)."""
-    if labels.dtype != torch.int64:  # what cross_entropy takes
-        raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
+    check_label_dtype(labels)
     valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
     if not bool(valid.all()):
         bad = labels[~valid].unique()[:5].tolist()
