@@ -14,7 +14,7 @@ Methods, side by side in one process:
                ALiBi; it also wastes work on padding)
   flex       : torch.compile'd FlexAttention over the packed tokens (1, H, T, D), ALiBi
                score_mod and a document block mask
-  triton     : flash_attn_triton.flash_attn_varlen_func on views of a packed (T, 3, H, D)
+  triton     : flash_attn_triton.flash_attn_varlen_qkvpacked_func on a packed (T, 3, H, D)
                tensor, like the model
 FLOPs count real tokens only: forward 4 * sum(L^2) * H * D, backward 2.5x, fwd+bwd 3.5x.
 Times are medians of triton.testing.do_bench (warm-up excluded); backward time is
@@ -108,14 +108,14 @@ class Inputs:
 # forward and the backward; out_fn() returns the output as packed (T, H, D) for checks.
 
 def method_triton(x):
-    q, k, v = (t.detach().requires_grad_() for t in x.qkv.unbind(1))
+    qkv = x.qkv.detach().requires_grad_()
 
     def fwd():
-        return fa.flash_attn_varlen_func(q, k, v, x.cu, x.max_len, alibi_slopes=x.slopes)
+        return fa.flash_attn_varlen_qkvpacked_func(qkv, x.cu, x.max_len, alibi_slopes=x.slopes)
 
     def fwd_bwd():
         out = fwd()
-        return torch.autograd.grad(out, (q, k, v), x.dout)
+        return torch.autograd.grad(out, (qkv,), x.dout)
 
     return fwd, fwd_bwd, 0, fwd
 

@@ -89,12 +89,21 @@ def reference(q, k, v, cu, slopes, scale, dout):
 
 def run_kernel(q, k, v, cu, max_seqlen, slopes, dout, scale=None):
     """Kernel forward + backward with NaN-poisoned outputs; results on CPU."""
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    packed = q._base is not None and q._base is k._base is v._base
     fa._POISON_OUTPUTS = True
     try:
-        out = fa.flash_attn_varlen_func(q, k, v, cu, max_seqlen, alibi_slopes=slopes,
-                                        softmax_scale=scale)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        if packed:  # the model's call: one (T, 3, H, D) input, one (T, 3, H, D) gradient
+            qkv = q._base.detach().requires_grad_()
+            out = fa.flash_attn_varlen_qkvpacked_func(qkv, cu, max_seqlen, alibi_slopes=slopes,
+                                                      softmax_scale=scale)
+            (dqkv,) = torch.autograd.grad(out, (qkv,), dout)
+            assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+            dq, dk, dv = dqkv.unbind(1)
+        else:
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            out = fa.flash_attn_varlen_func(q, k, v, cu, max_seqlen, alibi_slopes=slopes,
+                                            softmax_scale=scale)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     finally:
         fa._POISON_OUTPUTS = False
     return [t.detach().cpu() for t in (out, dq, dk, dv)]
@@ -170,9 +179,17 @@ def test_interp_single_token_batch_relerr_below_1e4():
 def test_interp_opcheck_custom_op_registration():
     """torch.library.opcheck: schema, fake (meta) kernel and autograd registration."""
     q, k, v, cu, max_seqlen, slopes, _ = make_inputs([5, 17], 2, 16, torch.float32, "cpu", 5)
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.mosaic_bert.flash_attn_varlen_fwd.default,
-                          (q, k, v, cu, max_seqlen, slopes, 0.25))
+    qkv = q._base.detach().requires_grad_()
+    torch.library.opcheck(torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default,
+                          (qkv, cu, max_seqlen, slopes, 0.25))
+
+
+def test_packed_function_rejects_a_qkv_that_is_not_t_3_h_d():
+    """A wrongly shaped qkv gets a ValueError naming the expected layout, before any kernel runs."""
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for bad in (torch.zeros(4, 2, 64), torch.zeros(4, 2, 2, 64), "qkv"):
+        with pytest.raises(ValueError, match=r"\(total_tokens, 3, heads, head_dim\)"):
+            fa.flash_attn_varlen_qkvpacked_func(bad, cu, 4)
 
 
 # ---------------------------------------------------------------- GPU

@@ -391,7 +391,7 @@ def test_model_loads_and_runs_on_pytorch_when_triton_is_not_installed(tmp_path):
         "from transformers import AutoModelForMaskedLM\n"
         f"m = AutoModelForMaskedLM.from_pretrained({os.path.join(REPO_ROOT, 'checkpoints', 'mosaic-bert-wiki-small')!r},"
         " trust_remote_code=True)\n"
-        "assert sys.modules[type(m).__module__].flash_attn_varlen_func is None\n"
+        "assert sys.modules[type(m).__module__].flash_attn_varlen_qkvpacked_func is None\n"
         "out = m(torch.tensor([[101, 2023, 103, 102]])).logits\n"
         "assert out.shape == (1, 4, 30528) and torch.isfinite(out).all()\n"
         "print('ok')\n"

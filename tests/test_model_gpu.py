@@ -40,26 +40,26 @@ def rel_err(a, b):
 
 
 def test_kernel_is_the_default_attention_on_cuda_in_bf16():
-    from modeling_mosaic_bert import MosaicBertModel, flash_attn_varlen_func
+    from modeling_mosaic_bert import MosaicBertModel, flash_attn_varlen_qkvpacked_func
 
-    assert flash_attn_varlen_func is not None, "Triton kernel failed to import on a CUDA machine"
+    assert flash_attn_varlen_qkvpacked_func is not None, "Triton kernel failed to import on a CUDA machine"
     model = tiny_model(MosaicBertModel)
     calls = []
     import modeling_mosaic_bert
 
-    original = modeling_mosaic_bert.flash_attn_varlen_func
+    original = modeling_mosaic_bert.flash_attn_varlen_qkvpacked_func
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    modeling_mosaic_bert.flash_attn_varlen_func = counting
+    modeling_mosaic_bert.flash_attn_varlen_qkvpacked_func = counting
     try:
         ids, mask = ragged([5, 17, 1])
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(ids, attention_mask=mask)
     finally:
-        modeling_mosaic_bert.flash_attn_varlen_func = original
+        modeling_mosaic_bert.flash_attn_varlen_qkvpacked_func = original
     assert len(calls) == model.config.num_hidden_layers
 
 

@@ -10,9 +10,14 @@ and j are positions inside the sequence. The bias is computed in the kernels, so
 
 Public API::
 
+    flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen,
+                                     alibi_slopes=None, softmax_scale=None) -> out
     flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen,
                            alibi_slopes=None, softmax_scale=None) -> out
     unsupported_reason(q, k, v, cu_seqlens, alibi_slopes=None) -> str | None
+
+The packed form is the one the model calls: its backward writes dq, dk and dv into one
+(total_tokens, 3, heads, head_dim) gradient, so nothing concatenates them afterwards.
 
 The kernels follow FlashAttention-2:
 
@@ -28,7 +33,7 @@ saved LSE is in the same base-2 units.
 
 The operations are registered as PyTorch custom ops (``torch.ops.mosaic_bert.*``)
 with fake (meta) implementations and autograd, so ``torch.compile(fullgraph=True)``
-can trace a model that calls ``flash_attn_varlen_func``.
+can trace a model that calls either function.
 
 Running on CPU: with ``TRITON_INTERPRET=1`` set in the environment *before this
 module is imported* (Triton reads it when ``@triton.jit`` decorates a kernel), the
@@ -483,15 +488,16 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-    """Returns dq, dk, dv, each (T, H, D) contiguous."""
+def _backward(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+    """qkv: (T, 3, H, D). Returns dqkv, (T, 3, H, D) contiguous: the kernels write dq, dk and dv into its three
+    slices, so autograd never concatenates three gradients."""
+    q, k, v = qkv.unbind(1)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    dq = _new_output((total, heads, head_dim), q)
-    dk = _new_output((total, heads, head_dim), q)
-    dv = _new_output((total, heads, head_dim), q)
+    dqkv = _new_output((total, 3, heads, head_dim), q)
     if total == 0 or batch == 0 or max_seqlen <= 0:
-        return dq, dk, dv
+        return dqkv
+    dq, dk, dv = dqkv.unbind(1)
     if dout.stride(2) != 1:
         dout = dout.contiguous()
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
@@ -521,7 +527,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, sof
         lse.stride(0), stride_s, qk_scale, softmax_scale, heads, num_m_blocks,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_ALIBI=has_alibi,
         num_warps=num_warps, num_stages=num_stages)
-    return dq, dk, dv
+    return dqkv
 
 
 # ----------------------------------------------------------------------------------
@@ -543,71 +549,85 @@ def _registered(name):
         return False
 
 
-if not _registered("flash_attn_varlen_fwd"):
+if not _registered("flash_attn_varlen_qkvpacked_fwd"):
 
     @torch.library.custom_op(
-        f"{_NS}::flash_attn_varlen_fwd", mutates_args=(),
-        schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
-               "Tensor? alibi_slopes, float softmax_scale) -> (Tensor, Tensor)")
-    def _fwd_op(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        f"{_NS}::flash_attn_varlen_qkvpacked_fwd", mutates_args=(),
+        schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor? alibi_slopes, "
+               "float softmax_scale) -> (Tensor, Tensor)")
+    def _fwd_op(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        q, k, v = qkv.unbind(1)
         return _forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
 
     @_fwd_op.register_fake
-    def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        total, heads, head_dim = q.shape
-        return (q.new_empty((total, heads, head_dim)),
-                q.new_empty((heads, total), dtype=torch.float32))
+    def _fwd_fake(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        total, _, heads, head_dim = qkv.shape
+        return (qkv.new_empty((total, heads, head_dim)),
+                qkv.new_empty((heads, total), dtype=torch.float32))
 
     @torch.library.custom_op(
-        f"{_NS}::flash_attn_varlen_bwd", mutates_args=(),
-        schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-               "Tensor cu_seqlens, SymInt max_seqlen, Tensor? alibi_slopes, "
-               "float softmax_scale) -> (Tensor, Tensor, Tensor)")
-    def _bwd_op(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        return _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes,
-                         softmax_scale)
+        f"{_NS}::flash_attn_varlen_qkvpacked_bwd", mutates_args=(),
+        schema="(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, "
+               "SymInt max_seqlen, Tensor? alibi_slopes, float softmax_scale) -> Tensor")
+    def _bwd_op(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        return _backward(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
 
     @_bwd_op.register_fake
-    def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+    def _bwd_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        return qkv.new_empty(qkv.shape)
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale = inputs
+        qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, alibi_slopes)
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens, alibi_slopes)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
         ctx.mark_non_differentiable(lse)
 
     def _fwd_op_backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = torch.ops.mosaic_bert.flash_attn_varlen_bwd(
-            dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes,
-            ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None
+        qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
+        dqkv = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd(
+            dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes, ctx.softmax_scale)
+        return dqkv, None, None, None, None
 
     _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
     """Bidirectional attention over packed variable-length sequences, with optional ALiBi.
 
-    q, k, v: (total_tokens, heads, head_dim), float16 / bfloat16 / float32, on CUDA;
-        any token and head strides (e.g. views of a packed (T, 3, H, D) tensor), unit
-        stride on head_dim. head_dim in SUPPORTED_HEAD_DIMS.
+    qkv: (total_tokens, 3, heads, head_dim), float16 / bfloat16 / float32, on CUDA: queries, keys and values of
+        every real token (e.g. the fused QKV projection viewed as such); unit stride on head_dim. head_dim in
+        SUPPORTED_HEAD_DIMS. Its gradient comes back as one (total_tokens, 3, heads, head_dim) tensor.
     cu_seqlens: (batch + 1,) int32, cumulative sequence lengths, starting at 0 and
         ending at total_tokens.
     max_seqlen: int, at least the longest sequence length.
     alibi_slopes: (heads,) float32 or None; adds -slope[h] * |i - j| to the scaled scores.
     softmax_scale: float, default 1 / sqrt(head_dim).
-    Returns (total_tokens, heads, head_dim), contiguous, dtype of q. Differentiable in
-    q, k, v. Raises ValueError(unsupported_reason(...)) for inputs it cannot handle.
+    Returns (total_tokens, heads, head_dim), contiguous, dtype of qkv. Differentiable in
+    qkv. Raises ValueError(unsupported_reason(...)) for inputs it cannot handle.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must be (total_tokens, 3, heads, head_dim), got {shape}")
+    reason = unsupported_reason(*qkv.unbind(1), cu_seqlens, alibi_slopes)
+    if reason is not None:
+        raise ValueError(reason)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(qkv.shape[-1])
+    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd(
+        qkv, cu_seqlens, max_seqlen, alibi_slopes, float(softmax_scale))
+    return out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+    """flash_attn_varlen_qkvpacked_func for separate q, k, v, each (total_tokens, heads, head_dim).
+
+    Checks them, then stacks them into one (total_tokens, 3, heads, head_dim) tensor (a copy); callers that
+    produce q, k, v from one projection should view it as qkv and call the packed function instead.
     """
     reason = unsupported_reason(q, k, v, cu_seqlens, alibi_slopes)
     if reason is not None:
         raise ValueError(reason)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens, max_seqlen, alibi_slopes, float(softmax_scale))
-    return out
+    return flash_attn_varlen_qkvpacked_func(torch.stack((q, k, v), dim=1), cu_seqlens, max_seqlen,
+                                            alibi_slopes, softmax_scale)

@@ -38,16 +38,16 @@ except ImportError:  # loaded from a folder on sys.path (tests, scripts)
     from configuration_mosaic_bert import MosaicBertConfig
 
 try:  # the Triton kernels are optional: without Triton, the model runs on PyTorch
-    from .flash_attn_triton import flash_attn_varlen_func, unsupported_reason
+    from .flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
     from .geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
     from .layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
 except ImportError:
     try:
-        from flash_attn_triton import flash_attn_varlen_func, unsupported_reason
+        from flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
         from geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
         from layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
     except ImportError:
-        flash_attn_varlen_func = unsupported_reason = geglu = geglu_unsupported_reason = None
+        flash_attn_varlen_qkvpacked_func = unsupported_reason = geglu = geglu_unsupported_reason = None
         dropout_add_layer_norm = layer_norm_unsupported_reason = None
 
 
@@ -56,7 +56,7 @@ def kernel_policy_reason(backend: str, tensor: torch.Tensor) -> str | None:
     or None. "torch" never takes them, "auto" only for float16/bfloat16 CUDA tensors, "triton" whenever they can run."""
     if backend == "torch":
         return "attention_backend is 'torch'"
-    if flash_attn_varlen_func is None:
+    if flash_attn_varlen_qkvpacked_func is None:
         return "Triton is not installed"
     if backend == "auto" and not (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
         return "'auto' uses the kernels for float16/bfloat16 CUDA tensors only"
@@ -279,7 +279,7 @@ class MosaicBertSelfAttention(nn.Module):
         query, key, value = qkv.unbind(dim=1)  # each (total_tokens, heads, head_dim)
         reason = self.kernel_unsupported_reason(query, key, value, cu_seqlens, slopes, output_attentions)
         if reason is None:
-            context = flash_attn_varlen_func(query, key, value, cu_seqlens, max_seqlen, alibi_slopes=slopes)
+            context = flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=slopes)
             probabilities = None
         elif self.backend == "triton":
             raise ValueError(f"attention_backend='triton' cannot run this call: {reason}")
