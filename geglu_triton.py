@@ -9,7 +9,7 @@ second half the value v. Unfused, PyTorch reads and writes the (total_tokens, in
 * backward reads x and dy once and writes dx, (total_tokens, 2 * inner), in place of the concatenation.
 
 The dropout mask is never stored: both passes regenerate it from a Philox seed (one int64 on the device, so no host
-synchronisation) and the element's index.
+synchronisation) and the element's position, four numbers per Philox call.
 
 Public API::
 
@@ -34,9 +34,20 @@ NUM_WARPS = 4
 _POISON_OUTPUTS = False
 
 
+# The dropout keep-mask of the chunk-th BLOCK of elements: [u >= p] for BLOCK uniforms u in [0, 1) from BLOCK / 4
+# Philox calls on the counters chunk * BLOCK / 4 + [0, BLOCK / 4) (each call gives four numbers; one call per element
+# would make the random numbers, not the memory traffic, the cost of the kernel). Distinct chunks get distinct
+# counters, and forward and backward, passing the same chunk, get the same mask.
+@triton.jit
+def _keep_mask(Seed, p, chunk, BLOCK: tl.constexpr):
+    counters = (chunk * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    r0, r1, r2, r3 = tl.rand4x(tl.load(Seed), counters)
+    return tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK,)) >= p
+
+
 # Forward, per element (t, j) with g = x[t, j], v = x[t, inner + j]:
 #     gelu(g) = g * Phi(g) = 0.5 * g * (1 + erf(g / sqrt(2)))
-#     y[t, j] = gelu(g) * v * keep(t, j) / (1 - p),   keep = [uniform(seed, t * inner + j) >= p]   (keep = 1 if p = 0)
+#     y[t, j] = gelu(g) * v * keep(t, j) / (1 - p),   keep from _keep_mask of this program's chunk   (1 if p = 0)
 # One program covers BLOCK columns of one row; the math runs in float32.
 @triton.jit
 def _geglu_fwd_kernel(X, Y, Seed, inner, stride_xt, stride_yt, p, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
@@ -47,8 +58,7 @@ def _geglu_fwd_kernel(X, Y, Seed, inner, stride_xt, stride_yt, p, HAS_DROPOUT: t
     v = tl.load(X + row * stride_xt + inner + cols, mask=in_row, other=0.0).to(tl.float32)
     y = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * v
     if HAS_DROPOUT:
-        keep = tl.rand(tl.load(Seed), (row * inner + cols).to(tl.uint32)) >= p
-        y = tl.where(keep, y / (1.0 - p), 0.0)
+        y = tl.where(_keep_mask(Seed, p, row * tl.num_programs(1) + tl.program_id(1), BLOCK), y / (1.0 - p), 0.0)
     tl.store(Y + row * stride_yt + cols, y.to(Y.dtype.element_ty), mask=in_row)
 
 
@@ -64,8 +74,7 @@ def _geglu_bwd_kernel(DY, X, DX, Seed, inner, stride_dyt, stride_xt, stride_dxt,
     in_row = cols < inner
     d = tl.load(DY + row * stride_dyt + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = tl.rand(tl.load(Seed), (row * inner + cols).to(tl.uint32)) >= p
-        d = tl.where(keep, d / (1.0 - p), 0.0)
+        d = tl.where(_keep_mask(Seed, p, row * tl.num_programs(1) + tl.program_id(1), BLOCK), d / (1.0 - p), 0.0)
     g = tl.load(X + row * stride_xt + cols, mask=in_row, other=0.0).to(tl.float32)
     v = tl.load(X + row * stride_xt + inner + cols, mask=in_row, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))

@@ -10,7 +10,7 @@ in the backward pass. Here:
   partial sums of dweight and dbias that torch adds up afterwards (no atomics: the result is deterministic).
 
 The dropout mask is never stored: both passes regenerate it from a Philox seed (one int64 on the device, so no host
-synchronisation) and the element's index, exactly as geglu_triton does.
+synchronisation) and the element's index, four numbers per Philox call, as geglu_triton does.
 
 This is MosaicBERT's "low-precision LayerNorm": under autocast x and residual are bfloat16 while weight and bias stay
 float32 parameters. The math runs in float32 whatever the input dtypes; y has x's dtype, dx x's, dresidual
@@ -41,7 +41,17 @@ INTERPRET_ROW_GROUPS = 4  # backward programs in Triton's interpreter (small, so
 _POISON_OUTPUTS = False
 
 
-# Forward, per row t of H = hidden elements, with keep(t, j) = [uniform(seed, t * H + j) >= p]   (keep = 1 if p = 0):
+# The dropout keep-mask of row t: [u >= p] for BLOCK uniforms u in [0, 1) from BLOCK / 4 Philox calls on the counters
+# t * BLOCK / 4 + [0, BLOCK / 4) (four numbers per call: one call per element would cost more than the row's memory
+# traffic). Forward and backward, passing the same row, get the same mask.
+@triton.jit
+def _keep_mask(Seed, p, row, BLOCK: tl.constexpr):
+    counters = (row * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    r0, r1, r2, r3 = tl.rand4x(tl.load(Seed), counters)
+    return tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK,)) >= p
+
+
+# Forward, per row t of H = hidden elements, with keep(t, j) from _keep_mask(t)   (keep = 1 if p = 0):
 #     z[j]    = x[t, j] * keep(t, j) / (1 - p) + residual[t, j]
 #     mean    = sum_j z[j] / H
 #     rstd    = 1 / sqrt(sum_j (z[j] - mean)^2 / H + eps)                                     (biased variance)
@@ -55,7 +65,7 @@ def _ln_fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, hidden, stride_xt, stride_rt
     in_row = cols < hidden
     x = tl.load(X + row * stride_xt + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = tl.rand(tl.load(Seed), (row * hidden + cols).to(tl.uint32)) >= p
+        keep = _keep_mask(Seed, p, row, BLOCK)
         x = tl.where(keep, x / (1.0 - p), 0.0)
     z = x + tl.load(R + row * stride_rt + cols, mask=in_row, other=0.0).to(tl.float32)
     mean = tl.sum(z, axis=0) / hidden
@@ -90,7 +100,7 @@ def _ln_bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DX, DR, DWp, DBp, tokens, hidd
     for row in range(row_start, row_end):
         x = tl.load(X + row * stride_xt + cols, mask=in_row, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = tl.rand(tl.load(Seed), (row * hidden + cols).to(tl.uint32)) >= p
+            keep = _keep_mask(Seed, p, row, BLOCK)
             x = tl.where(keep, x / (1.0 - p), 0.0)
         z = x + tl.load(R + row * stride_rt + cols, mask=in_row, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + row)

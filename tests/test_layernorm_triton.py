@@ -110,9 +110,15 @@ def assert_outputs_match(y, grads, inputs, dy, ref, bound):
     for grad, like in zip(grads, inputs):
         assert grad.shape == like.shape and grad.dtype == like.dtype
     assert rel_err(y, y_ref) < bound, "y"
+    # A row of one element normalises to the bias: its x and residual gradients are zero, but rstd = 1 / sqrt(eps)
+    # (316 here) multiplies g - mean(g), which the GPU computes with a fused multiply-add, so one rounding of g = w * dy
+    # (2^-24 relative) can survive, times rstd (measured on an H100: 8e-6 at |g| = 0.9). No real layer is that
+    # narrow, and the bound still fails on any wrong term.
+    residue = (inputs[2].float()[None, :] * dy.float()).abs().cpu() * 2.0**-23 / EPS**0.5
     for name, grad, grad_ref in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_ref):
         if not (grad_ref.abs() > 1e-9).any():  # no rows, or hidden 1 (y = bias): no gradient (up to rounding)
-            assert (grad.cpu().abs() <= 1e-9).all(), name
+            allowed = residue if name in ("dx", "dresidual") else 1e-9
+            assert (grad.cpu().abs() <= allowed + 1e-9).all(), name
         else:
             assert rel_err(grad, grad_ref) < bound, name
 
