@@ -80,6 +80,10 @@ BWD_DQ_CONFIGS = {
 }
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_CONFIGS))
 
+# The integer arguments that change from batch to batch (block counts, token counts) are marked
+# do_not_specialize: Triton would otherwise compile a separate variant of a kernel when such a value is 1
+# or divisible by 16, so a variable-length run would keep compiling during its first steps.
+
 # Tests set this to True to fill freshly allocated outputs with NaN, so that an
 # element the kernels forget to write shows up as NaN instead of stale memory.
 _POISON_OUTPUTS = False
@@ -142,7 +146,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_ot, stride_oh, stride_lh, stride_sh,
@@ -193,7 +197,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
 
 # Backward preprocess:  delta_i = sum_d dO_id * O_id  (= sum_j P_ij dP_ij), per token
 # and head. It is the softmax-Jacobian term used in dS = P * (dP - delta).
-@triton.jit
+@triton.jit(do_not_specialize=["total_tokens"])
 def _bwd_preprocess_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dot, stride_doh,
                            stride_deltah, total_tokens,
                            HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -254,7 +258,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_n_blocks"])
 def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -338,7 +342,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_sh,

@@ -84,8 +84,9 @@ def _ln_fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, hidden, stride_xt, stride_rt
 #     dresidual[t, j] = dz[j],   dx[t, j] = dz[j] * keep(t, j) / (1 - p)
 #     dweight[j] = sum_t dy[t, j] * xhat[j],   dbias[j] = sum_t dy[t, j]
 # Program i covers rows [i * rows_per_program, min((i + 1) * rows_per_program, tokens)), keeps its share of dweight and
-# dbias in float32 registers and writes it to row i of the (programs, hidden) buffers DWp and DBp.
-@triton.jit
+# dbias in float32 registers and writes it to row i of the (programs, hidden) buffers DWp and DBp. tokens and
+# rows_per_program change with the batch: not specialised on, so new token counts do not compile new variants.
+@triton.jit(do_not_specialize=["tokens", "rows_per_program"])
 def _ln_bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DX, DR, DWp, DBp, tokens, hidden, rows_per_program,
                    stride_dyt, stride_xt, stride_rt, stride_dxt, stride_drt, p,
                    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
