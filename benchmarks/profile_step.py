@@ -79,6 +79,22 @@ def cpu_inference_step(config):
     return step, 32, seqlen
 
 
+def print_ops_by_device_time(step, sync, activities, steps: int, top: int = 30) -> None:
+    """PyTorch ops grouped by input shapes, by the device time of the kernels they launched (their own, not their
+    children's): names which op and which tensors stand behind a kernel. A separate pass, since recording shapes
+    slows the host and would distort the idle time above."""
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    ops.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    print(f"\n| op (top {top} by own device time) | input shapes | calls/step | ms/step |\n|---|---|---:|---:|")
+    for e in ops[:top]:
+        shapes = str(e.input_shapes)[:110]
+        print(f"| {e.key[:50]} | {shapes} | {e.count / steps:.0f} | {e.self_device_time_total / 1e3 / steps:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO_ROOT / "config.json"))
@@ -87,6 +103,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script only)")
     parser.add_argument("--cpu-inference", action="store_true", help="profile the CPU inference workload instead")
+    parser.add_argument("--by-op", action="store_true",
+                        help="also profile once more with input shapes and list the PyTorch ops (with their shapes) "
+                             "that spend the most device time")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
@@ -136,6 +155,8 @@ def main() -> None:
     for category, ms in per_category.most_common():
         print(f"| {category} | {ms:.2f} | {ms / wall_ms:.1%} |")
     print(f"| idle (wall - busy) | {max(wall_ms - busy, 0):.2f} | {max(wall_ms - busy, 0) / wall_ms:.1%} |")
+    if args.by_op:
+        print_ops_by_device_time(step, sync, activities, args.steps)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "profile_step.json").write_text(json.dumps(
         {"wall_ms": wall_ms, "busy_ms": busy, "categories": per_category, "kernels": per_kernel.most_common(60)},

@@ -176,12 +176,32 @@ def test_interp_single_token_batch_relerr_below_1e4():
 
 
 @needs_interpreter
-def test_interp_opcheck_custom_op_registration():
-    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration."""
-    q, k, v, cu, max_seqlen, slopes, _ = make_inputs([5, 17], 2, 16, torch.float32, "cpu", 5)
-    qkv = q._base.detach().requires_grad_()
+def test_interp_operators_pass_opcheck():
+    """torch.library.opcheck: schemas and fake (meta) kernels of the forward and backward operators."""
+    q, k, v, cu, max_seqlen, slopes, dout = make_inputs([5, 17], 2, 16, torch.float32, "cpu", 5)
+    qkv = q._base
     torch.library.opcheck(torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default,
                           (qkv, cu, max_seqlen, slopes, 0.25))
+    out, lse = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd(qkv, cu, max_seqlen, slopes, 0.25)
+    torch.library.opcheck(torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd.default,
+                          (dout, qkv, out, lse, cu, max_seqlen, slopes, 0.25))
+
+
+@needs_interpreter
+def test_interp_torch_compile_fullgraph_traces_forward_and_backward():
+    """dynamo and AOTAutograd trace the autograd.Function and its operators in one graph (aot_eager runs the
+    operators as they are, so this works in the interpreter); results equal eager."""
+    q, k, v, cu, max_seqlen, slopes, dout = make_inputs([5, 1, 17], 2, 16, torch.float32, "cpu", 8)
+    compiled = torch.compile(lambda t: fa.flash_attn_varlen_qkvpacked_func(t, cu, max_seqlen, slopes) * 2.0,
+                             fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, lambda t: fa.flash_attn_varlen_qkvpacked_func(t, cu, max_seqlen, slopes) * 2.0):
+        qkv = q._base.detach().requires_grad_()
+        out = fn(qkv)
+        results.append((out, torch.autograd.grad(out, (qkv,), dout)[0]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][1].abs().sum() > 0
 
 
 def test_packed_function_rejects_a_qkv_that_is_not_t_3_h_d():

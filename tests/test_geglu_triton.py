@@ -146,11 +146,11 @@ def test_dropout_keeps_the_expected_fraction_and_is_seeded():
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[:, 0], first[:, 1])
 
 
-# ---------------------------------------------------------------- custom op registration and errors
+# ---------------------------------------------------------------- operator registration and errors
 
 
 @needs_kernel
-def test_custom_ops_pass_opcheck():
+def test_operators_pass_opcheck():
     x, dy = random_inputs(4, 8, torch.float32, seed=1)
     torch.library.opcheck(torch.ops.mosaic_bert.geglu_fwd.default, (x, None, 0.0))
     torch.library.opcheck(torch.ops.mosaic_bert.geglu_bwd.default, (dy, x, None, 0.0))

@@ -248,12 +248,12 @@ def test_zero_dropout_probability_leaves_x_untouched():
     assert rel_err(y, y_ref) < 1e-6
 
 
-# ---------------------------------------------------------------- custom op registration and errors
+# ---------------------------------------------------------------- operator registration and errors
 
 
 @needs_kernel
 @pytest.mark.parametrize("with_dropout,residual_dtype", [(False, torch.float16), (True, torch.float32)])
-def test_custom_ops_pass_opcheck(with_dropout, residual_dtype):
+def test_operators_pass_opcheck(with_dropout, residual_dtype):
     (x, residual, weight, bias), dy = random_inputs(5, 24, torch.float16, seed=1, param_dtype=torch.float32)
     residual = residual.to(residual_dtype)
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE) if with_dropout else None
