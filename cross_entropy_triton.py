@@ -101,7 +101,8 @@ def _ce_bwd_kernel(DLoss, X, Labels, Lse, DX, V, stride_dl, stride_xn, stride_dx
     end = tl.where(ignored, 0, V)  # an ignored row reads nothing (`in_row & ~ignored` fails in the interpreter)
     x = tl.load(X + row * stride_xn + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
     softmax = tl.exp2((x - tl.load(Lse + row)) * LOG2E)
-    dx = tl.load(DLoss + row * stride_dl) * (softmax - tl.where(cols == label, 1.0, 0.0))
+    dloss = tl.where(ignored, 0.0, tl.load(DLoss + row * stride_dl))  # which may be inf or NaN on an ignored row
+    dx = dloss * (softmax - tl.where(cols == label, 1.0, 0.0))
     dx = tl.where((label >= 0) & (label < V), dx, float("nan"))
     dx = tl.where(ignored, 0.0, dx)
     tl.store(DX + row * stride_dxn + cols, dx.to(DX.dtype.element_ty), mask=in_row)

@@ -21,7 +21,7 @@ measure() {  # $1 = variant name, $2 = models, $3 = test files
   timeout ${BENCH_SECONDS:-150} python3 benchmarks/model.py --budget $(( ${BENCH_SECONDS:-150} - 20 )) --models "$2" \
       --workloads ${BENCH_WORKLOADS:-pretrain,train,infer} --out "$dir" > "$dir/model_bench.log" 2>&1
   echo "[$1] benchmark at $(elapsed) s"; grep "^| [a-z]" "$dir/model_bench.log" | tail -12
-  timeout 60 python3 benchmarks/profile_step.py --out "$dir" > "$dir/profile_step.txt" 2>&1
+  timeout 90 python3 benchmarks/profile_step.py --by-op --out "$dir" > "$dir/profile_step.txt" 2>&1
   echo "[$1] profile at $(elapsed) s"; sed -n 2p "$dir/profile_step.txt"; tail -9 "$dir/profile_step.txt"
 }
 
