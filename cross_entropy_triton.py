@@ -22,10 +22,10 @@ losses, 0 (and a zero gradient) on rows whose label is ignore_index. The kernels
 label outside [0, V) that is not ignore_index gives its row a NaN loss and a NaN gradient (never an out-of-bounds read
 or a plausible wrong number); callers validate labels (the model does, in one host synchronisation).
 
-The operations are PyTorch custom ops (``torch.ops.mosaic_bert.cross_entropy_fwd`` / ``cross_entropy_bwd``) with fake
-implementations and autograd, so torch.compile can trace a model that calls `cross_entropy`. With
-``TRITON_INTERPRET=1`` set before import, the kernels run on CPU tensors in Triton's interpreter (tests; float32 and
-float16 there). Shipped as Hugging Face remote code: imports only torch and triton.
+The kernels are PyTorch operators (``torch.ops.mosaic_bert.cross_entropy_fwd`` / ``cross_entropy_bwd``) with fake
+implementations, called from a ``torch.autograd.Function``, so torch.compile can trace a model that calls
+`cross_entropy`. With ``TRITON_INTERPRET=1`` set before import, the kernels run on CPU tensors in Triton's interpreter
+(tests; float32 and float16 there). Shipped as Hugging Face remote code: imports only torch and triton.
 """
 
 import torch
@@ -34,9 +34,9 @@ import triton.language as tl
 
 # Columns of a row per chunk: 16 elements per thread with 8 warps (num_warps = block / 512), i.e. two 16-byte loads
 # per thread in half precision (four in float32). The forward program pays two block-wide reductions (max and sum)
-# per chunk, so chunks this wide keep them rare (8 per row at V = 30,528) while 8 warps of 16 float32 registers each
-# leave room for 8 programs on a multiprocessor: enough loads in flight to saturate HBM. Narrow rows get the next power
-# of two >= V (and fewer warps) instead.
+# per chunk, so chunks this wide keep them rare (8 per row at V = 30,528), while both kernels stay at 32 registers a
+# thread (ptxas for sm_90a, no spills): 8 programs of 256 threads fill a multiprocessor, enough loads in flight to
+# saturate HBM. Narrow rows get the next power of two >= V (and fewer warps) instead.
 MAX_BLOCK = 4096
 INTERPRET_BLOCK = 1024  # chunk width in Triton's interpreter (small, so that tests at V = 3001 cross several chunks)
 
@@ -101,8 +101,7 @@ def _ce_bwd_kernel(DLoss, X, Labels, Lse, DX, V, stride_dl, stride_xn, stride_dx
     end = tl.where(ignored, 0, V)  # an ignored row reads nothing (`in_row & ~ignored` fails in the interpreter)
     x = tl.load(X + row * stride_xn + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
     softmax = tl.exp2((x - tl.load(Lse + row)) * LOG2E)
-    dloss = tl.where(ignored, 0.0, tl.load(DLoss + row * stride_dl))  # which may be inf or NaN on an ignored row
-    dx = dloss * (softmax - tl.where(cols == label, 1.0, 0.0))
+    dx = tl.load(DLoss + row * stride_dl) * (softmax - tl.where(cols == label, 1.0, 0.0))
     dx = tl.where((label >= 0) & (label < V), dx, float("nan"))
     dx = tl.where(ignored, 0.0, dx)
     tl.store(DX + row * stride_dxn + cols, dx.to(DX.dtype.element_ty), mask=in_row)
@@ -182,6 +181,11 @@ def _backward(dlosses, logits, labels, lse, ignore_index):
     return dlogits
 
 
+# The kernels are PyTorch operators (torch.ops.mosaic_bert.cross_entropy_fwd / cross_entropy_bwd) with fake
+# implementations, so torch.compile traces them; autograd lives in a torch.autograd.Function around them (cheaper per
+# eager call than torch.library.custom_op with register_autograd; see geglu_triton.py). The saved lse is not an output
+# of the Function, so it is never differentiated. A second import of this file (Hub remote code loads it under its own
+# module name) reuses the registered operators.
 _NS = "mosaic_bert"
 
 
@@ -193,40 +197,36 @@ def _registered(name):
         return False
 
 
-if not _registered("cross_entropy_fwd"):
+def _define(name, schema, impl, fake):
+    if not _registered(name):
+        torch.library.define(f"{_NS}::{name}", schema)
+        torch.library.impl(f"{_NS}::{name}", ("cpu", "cuda"), impl)
+        torch.library.register_fake(f"{_NS}::{name}", fake)
 
-    @torch.library.custom_op(f"{_NS}::cross_entropy_fwd", mutates_args=(),
-                             schema="(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)")
-    def _fwd_op(logits, labels, ignore_index):
-        return _forward(logits, labels, ignore_index)
 
-    @_fwd_op.register_fake
-    def _fwd_fake(logits, labels, ignore_index):
-        n = logits.shape[0]
-        return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+def _fwd_fake(logits, labels, ignore_index):
+    n = logits.shape[0]
+    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
 
-    @torch.library.custom_op(
-        f"{_NS}::cross_entropy_bwd", mutates_args=(),
-        schema="(Tensor dlosses, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor")
-    def _bwd_op(dlosses, logits, labels, lse, ignore_index):
-        return _backward(dlosses, logits, labels, lse, ignore_index)
 
-    @_bwd_op.register_fake
-    def _bwd_fake(dlosses, logits, labels, lse, ignore_index):
-        return logits.new_empty(logits.shape)
+_define("cross_entropy_fwd", "(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)", _forward,
+        _fwd_fake)
+_define("cross_entropy_bwd", "(Tensor dlosses, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor",
+        _backward, lambda dlosses, logits, labels, lse, ignore_index: logits.new_empty(logits.shape))
 
-    def _setup_context(ctx, inputs, output):
-        logits, labels, ignore_index = inputs
-        _, lse = output
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index):
+        losses, lse = torch.ops.mosaic_bert.cross_entropy_fwd(logits, labels, ignore_index)
         ctx.save_for_backward(logits, labels, lse)
-        ctx.mark_non_differentiable(lse)
         ctx.ignore_index = ignore_index
+        return losses
 
-    def _fwd_op_backward(ctx, dlosses, dlse):
+    @staticmethod
+    def backward(ctx, dlosses):
         logits, labels, lse = ctx.saved_tensors
         return torch.ops.mosaic_bert.cross_entropy_bwd(dlosses, logits, labels, lse, ctx.ignore_index), None, None
-
-    _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -245,5 +245,4 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         raise ValueError(reason)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    losses, _ = torch.ops.mosaic_bert.cross_entropy_fwd(logits, labels, ignore_index)
-    return losses
+    return _CrossEntropy.apply(logits, labels, ignore_index)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A/B session on one GPU: the committed code against candidate patches, in one run on one card.
 #   CANDIDATES="benchmarks/candidates/x.patch ..." bash benchmarks/candidate_session.sh
-# 1. every GPU test of the committed code (TEST_SECONDS); 2. the model benchmark of the committed code
+# 1. the GPU tests of the committed code (TESTS, TEST_SECONDS); 2. the model benchmark of the committed code
 # (BENCH_MODELS x BENCH_WORKLOADS) and a profile of its eager pretraining step; 3. per candidate: apply it, run the
-# kernels' GPU tests and the model test, benchmark our rows again and profile, then revert it.
+# kernels' GPU tests and the model test (CANDIDATE_TESTS), benchmark our rows again and profile, then revert it.
 # Results land in $OUT: one folder per variant (benchmark JSON + log, profile, test log), archived as one .tgz.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -26,12 +26,12 @@ measure() {  # $1 = variant name, $2 = models, $3 = test files
 }
 
 measure committed "${BENCH_MODELS:-ours,bert,ours-compiled,bert-compiled}" \
-    "tests/test_geglu_triton.py tests/test_layernorm_triton.py tests/test_model_gpu.py tests/test_flash_attn_triton.py"
+    "${TESTS:-tests/test_cross_entropy_triton.py tests/test_geglu_triton.py tests/test_layernorm_triton.py tests/test_model_gpu.py tests/test_flash_attn_triton.py}"
 for patch in ${CANDIDATES:-}; do
   name=$(basename "$patch" .patch)
   git apply "$patch" || { echo "[$name] does not apply"; continue; }
   TEST_SECONDS=${CANDIDATE_TEST_SECONDS:-90} measure "$name" "${CANDIDATE_MODELS:-ours,ours-compiled}" \
-      "tests/test_geglu_triton.py tests/test_layernorm_triton.py tests/test_model_gpu.py"
+      "${CANDIDATE_TESTS:-tests/test_geglu_triton.py tests/test_layernorm_triton.py tests/test_model_gpu.py}"
   git apply -R "$patch"
 done
 tar -C "$OUT" -czf "$OUT/candidate_runs.tgz" runs && rm -rf "$OUT/runs"

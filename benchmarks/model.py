@@ -489,7 +489,7 @@ def main():
         f"load average {meta['load_avg_1_5_15']}")
     import modeling_mosaic_bert as mmb
 
-    log(f"# our Triton kernel imported: {mmb.flash_attn_varlen_func is not None}")
+    log(f"# our Triton kernel imported: {mmb.flash_attn_varlen_qkvpacked_func is not None}")
 
     peak_flops, ceiling_desc = matmul_ceiling(args.device, args.smoke)
     meta.update(peak_tflops=peak_flops / 1e12, ceiling=ceiling_desc)

@@ -79,6 +79,21 @@ def cpu_inference_step(config):
     return step, 32, seqlen
 
 
+def print_device_waits(prof, steps: int, top: int = 15) -> None:
+    """Idle device time before each kernel, summed by the kernel that ended the wait: which launches the host was late
+    with (after a host synchronisation, or behind slow Python)."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    gaps = collections.Counter()
+    for before, after in zip(kernels, kernels[1:]):
+        idle = after.time_range.start - max(before.time_range.end, before.time_range.start)
+        if idle > 5:  # microseconds: launch-to-launch spacing of a busy stream is below this
+            gaps[after.name[:70]] += idle / 1e3 / steps
+    print(f"\n| the device waited before (top {top}) | ms/step |\n|---|---:|")
+    for name, ms in gaps.most_common(top):
+        print(f"| {name} | {ms:.2f} |")
+
+
 def print_ops_by_device_time(step, sync, activities, steps: int, top: int = 30) -> None:
     """PyTorch ops grouped by input shapes, by the device time of the kernels they launched (their own, not their
     children's): names which op and which tensors stand behind a kernel. A separate pass, since recording shapes
@@ -155,6 +170,8 @@ def main() -> None:
     for category, ms in per_category.most_common():
         print(f"| {category} | {ms:.2f} | {ms / wall_ms:.1%} |")
     print(f"| idle (wall - busy) | {max(wall_ms - busy, 0):.2f} | {max(wall_ms - busy, 0) / wall_ms:.1%} |")
+    if device == "cuda":
+        print_device_waits(prof, args.steps)
     if args.by_op:
         print_ops_by_device_time(step, sync, activities, args.steps)
     Path(args.out).mkdir(parents=True, exist_ok=True)

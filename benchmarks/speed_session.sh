@@ -14,7 +14,8 @@ cat "$OUT/logs/env.txt"
 
 # 1. GPU tests (kernel files without TRITON_INTERPRET run their GPU cases).
 # The kernels' own GPU cases first (they are the newest code), then the model and robustness tests.
-timeout ${TEST_SECONDS:-200} python3 -m pytest -q tests/test_geglu_triton.py tests/test_layernorm_triton.py \
+timeout ${TEST_SECONDS:-200} python3 -m pytest -q tests/test_cross_entropy_triton.py tests/test_geglu_triton.py \
+    tests/test_layernorm_triton.py \
     tests/test_model_gpu.py tests/test_flash_attn_triton.py tests/test_robustness.py \
     > "$OUT/logs/gpu_tests.log" 2>&1
 echo "tests done at $(elapsed) s: $(tail -1 "$OUT/logs/gpu_tests.log")"
@@ -26,7 +27,7 @@ timeout ${BENCH_SECONDS:-300} python3 benchmarks/model.py --budget $(( ${BENCH_S
 echo "benchmark done at $(elapsed) s"; grep "^ *|" "$OUT/logs/model_bench.log" | tail -30
 
 # 3. Where the time of our eager pretraining step goes.
-timeout ${PROFILE_SECONDS:-60} python3 benchmarks/profile_step.py --out "$OUT/logs" > "$OUT/logs/profile_step.txt" 2>&1
+timeout ${PROFILE_SECONDS:-60} python3 benchmarks/profile_step.py --by-op --out "$OUT/logs" > "$OUT/logs/profile_step.txt" 2>&1
 echo "profile done at $(elapsed) s"; head -40 "$OUT/logs/profile_step.txt"
 tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$OUT/logs"
 ls -la "$OUT"; echo "all done at $(elapsed) s"

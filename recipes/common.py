@@ -22,6 +22,7 @@ MODEL_CODE_FILES = (
     "flash_attn_triton.py",
     "geglu_triton.py",
     "layernorm_triton.py",
+    "cross_entropy_triton.py",
 )
 
 # Dense BF16 peak used for MFU when --peak-tflops is not given. 784 TFLOP/s is the bf16 matmul throughput measured on

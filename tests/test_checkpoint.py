@@ -9,7 +9,8 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "mosaic-bert-wiki-small")
-CODE_FILES = ("configuration_mosaic_bert.py", "modeling_mosaic_bert.py", "bert_padding.py", "flash_attn_triton.py", "geglu_triton.py", "layernorm_triton.py")
+CODE_FILES = ("configuration_mosaic_bert.py", "modeling_mosaic_bert.py", "bert_padding.py", "flash_attn_triton.py",
+              "geglu_triton.py", "layernorm_triton.py", "cross_entropy_triton.py")
 
 
 @pytest.mark.parametrize("name", CODE_FILES)

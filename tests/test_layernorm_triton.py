@@ -395,8 +395,9 @@ def test_gpu_torch_compile_fullgraph_matches_eager():
 
 @needs_kernel
 def test_whole_model_on_the_kernels_matches_the_pytorch_path():
-    """A tiny MosaicBertForMaskedLM with attention_backend='triton' (attention, GeGLU and residual LayerNorm kernels,
-    fp32 here) gives the logits, loss and gradients of the same model on 'torch', with ragged padding."""
+    """A tiny MosaicBertForMaskedLM with attention_backend='triton' (attention, GeGLU, residual LayerNorm and
+    cross-entropy kernels, fp32 here) gives the logits, loss and gradients of the same model on 'torch', with ragged
+    padding."""
     from configuration_mosaic_bert import MosaicBertConfig
     from modeling_mosaic_bert import MosaicBertForMaskedLM
 

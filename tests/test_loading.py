@@ -19,7 +19,8 @@ import reference as ref
 from conftest import REPO_ROOT, TOKENIZER_FILES, assert_close, build, make_config, ragged_batch, real_tokens
 from reference import Dims
 
-CODE_FILES = ("modeling_mosaic_bert.py", "configuration_mosaic_bert.py", "bert_padding.py", "flash_attn_triton.py", "geglu_triton.py", "layernorm_triton.py")
+CODE_FILES = ("modeling_mosaic_bert.py", "configuration_mosaic_bert.py", "bert_padding.py", "flash_attn_triton.py",
+              "geglu_triton.py", "layernorm_triton.py", "cross_entropy_triton.py")
 AUTO_CLASSES = (
     "AutoConfig",
     "AutoModel",

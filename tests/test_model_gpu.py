@@ -69,7 +69,7 @@ def test_kernel_path_matches_torch_path_forward_and_gradients_within_2e_2(dtype)
 
     kernel_model = tiny_model(MosaicBertForMaskedLM)
     torch_model = copy.deepcopy(kernel_model)
-    for module in torch_model.modules():  # attention, feed-forward and residual LayerNorms: all on PyTorch
+    for module in torch_model.modules():  # attention, feed-forward, residual LayerNorms and loss: all on PyTorch
         if hasattr(module, "backend"):
             module.backend = "torch"
     ids, mask = ragged([1, 7, 127, 128, 129, 300], seed=1)
@@ -113,6 +113,40 @@ def test_fused_feed_forward_and_layer_norm_kernels_are_the_default_on_cuda_in_bf
             setattr(modeling_mosaic_bert, name, fn)
     layers = model.config.num_hidden_layers
     assert calls == {"geglu": layers, "dropout_add_layer_norm": 2 * layers}
+
+
+def test_masked_lm_loss_runs_on_the_fused_cross_entropy_and_matches_pytorch():
+    """In bf16 on CUDA the MLM loss comes from the cross-entropy kernel, equal to F.cross_entropy on float32 copies
+    of the same logits, and so are the logits' gradients."""
+    import modeling_mosaic_bert
+
+    model = tiny_model(modeling_mosaic_bert.MosaicBertForMaskedLM)
+    calls = []
+    original = modeling_mosaic_bert.cross_entropy
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    ids, mask = ragged([5, 17, 1, 40], seed=9)
+    labels = torch.where(torch.rand_like(ids, dtype=torch.float) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    labels[0, 0] = ids[0, 0]  # at least one label
+    modeling_mosaic_bert.cross_entropy = counting
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, labels=labels)
+    finally:
+        modeling_mosaic_bert.cross_entropy = original
+    assert len(calls) == 1
+    logits = out.logits.detach().requires_grad_()
+    kernel_loss = modeling_mosaic_bert.masked_lm_loss(logits, labels[labels != -100], "auto")
+    torch_loss = modeling_mosaic_bert.masked_lm_loss(logits, labels[labels != -100], "torch")
+    assert kernel_loss.dtype == torch_loss.dtype == torch.float32
+    torch.testing.assert_close(kernel_loss, torch_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, torch_loss.detach(), rtol=1e-5, atol=1e-5)
+    (kernel_grad,) = torch.autograd.grad(kernel_loss, logits)
+    (torch_grad,) = torch.autograd.grad(torch_loss, logits)
+    assert rel_err(kernel_grad, torch_grad) < 1e-2  # bf16 gradient (kernel) against float32 rounded once to bf16
 
 
 def test_training_with_dropout_on_the_fused_kernels_learns_a_batch():

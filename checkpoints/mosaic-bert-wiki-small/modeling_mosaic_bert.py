@@ -5,8 +5,9 @@ the real tokens of the batch, concatenated as (total_tokens, hidden). Attention 
 `cu_seqlens`, either in the fused Triton kernel of `flash_attn_triton.py` (CUDA, fp16/bf16) or in PyTorch's
 scaled_dot_product_attention. Outputs are padded back to (batch, seqlen, ...) only when they leave the model.
 Two more Triton kernels fuse the rest of a block's elementwise work on the same devices: the GeGLU activation with its
-dropout (`geglu_triton.py`) and dropout + residual + LayerNorm (`layernorm_triton.py`); `kernel_policy_reason`
-decides, for all three, from `config.attention_backend`.
+dropout (`geglu_triton.py`) and dropout + residual + LayerNorm (`layernorm_triton.py`); a fourth computes the masked-LM
+loss from the half-precision logits (`cross_entropy_triton.py`). `kernel_policy_reason` decides, for all four, from
+`config.attention_backend`.
 """
 
 import math
@@ -41,14 +42,17 @@ try:  # the Triton kernels are optional: without Triton, the model runs on PyTor
     from .flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
     from .geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
     from .layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
+    from .cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
 except ImportError:
     try:
         from flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
         from geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
         from layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
+        from cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
     except ImportError:
         flash_attn_varlen_qkvpacked_func = unsupported_reason = geglu = geglu_unsupported_reason = None
-        dropout_add_layer_norm = layer_norm_unsupported_reason = None
+        dropout_add_layer_norm = layer_norm_unsupported_reason = cross_entropy = None
+        cross_entropy_unsupported_reason = None
 
 
 def kernel_policy_reason(backend: str, tensor: torch.Tensor) -> str | None:
@@ -697,6 +701,18 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
 
 
 
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens' (n_labelled, vocab) logits against their (n_labelled,) targets,
+    in float32 (float64 stays float64). Runs on the fused kernel where `kernel_policy_reason` allows (it reads the
+    half-precision logits once each way, where F.cross_entropy first copies them to float32), else on
+    F.cross_entropy. A batch with nothing labelled gives a zero loss (not NaN) that still reaches every head weight."""
+    if not targets.numel():
+        return upcast(logits).sum()
+    if kernel_policy_reason(backend, logits) is None and cross_entropy_unsupported_reason(logits, targets) is None:
+        return cross_entropy(logits, targets).mean()
+    return F.cross_entropy(upcast(logits), targets)
+
+
 class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
     """MosaicBERT with the masked-language-modelling head. With labels, the head runs only on labelled tokens."""
 
@@ -706,6 +722,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.bert = MosaicBertModel(config, add_pooling_layer=False)
         self.cls = MosaicBertOnlyMLMHead(config)
+        self.backend = config.attention_backend  # for the loss kernel
         self.post_init()
 
     def get_output_embeddings(self):
@@ -744,8 +761,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             labelled = true_positions(labels != -100, n_labelled)
             targets = labels[labelled]
             logits = self.cls(encoding.hidden_states[labelled])
-            # A batch with nothing labelled contributes a zero loss (not NaN) that still reaches every head weight.
-            loss = F.cross_entropy(upcast(logits), targets) if targets.numel() else upcast(logits).sum()
+            loss = masked_lm_loss(logits, targets, self.backend)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
         )
