@@ -251,7 +251,7 @@ def test_operators_pass_opcheck():
 
 @needs_kernel
 def test_torch_compile_fullgraph_traces_the_ops():
-    """Fake implementations and the autograd.Function let dynamo and AOTAutograd trace forward and backward in one
+    """Fake implementations and autograd let dynamo and AOTAutograd trace forward and backward in one
     graph (the aot_eager backend runs the operators as they are, so this also works in the interpreter)."""
     logits, labels, _ = random_inputs(7, 300, torch.float16, seed=14)
     labels[3] = -100

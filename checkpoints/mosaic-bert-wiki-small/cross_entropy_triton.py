@@ -22,9 +22,8 @@ losses, 0 (and a zero gradient) on rows whose label is ignore_index. The kernels
 label outside [0, V) that is not ignore_index gives its row a NaN loss and a NaN gradient (never an out-of-bounds read
 or a plausible wrong number); callers validate labels (the model does, in one host synchronisation).
 
-The kernels are PyTorch operators (``torch.ops.mosaic_bert.cross_entropy_fwd`` / ``cross_entropy_bwd``) with fake
-implementations, called from a ``torch.autograd.Function``, so torch.compile can trace a model that calls
-`cross_entropy`. With ``TRITON_INTERPRET=1`` set before import, the kernels run on CPU tensors in Triton's interpreter
+The operations are PyTorch custom ops (``torch.ops.mosaic_bert.cross_entropy_fwd`` / ``cross_entropy_bwd``) with fake
+implementations and autograd, so torch.compile can trace a model that calls `cross_entropy`. With ``TRITON_INTERPRET=1`` set before import, the kernels run on CPU tensors in Triton's interpreter
 (tests; float32 and float16 there). Shipped as Hugging Face remote code: imports only torch and triton.
 """
 
@@ -181,11 +180,6 @@ def _backward(dlosses, logits, labels, lse, ignore_index):
     return dlogits
 
 
-# The kernels are PyTorch operators (torch.ops.mosaic_bert.cross_entropy_fwd / cross_entropy_bwd) with fake
-# implementations, so torch.compile traces them; autograd lives in a torch.autograd.Function around them (cheaper per
-# eager call than torch.library.custom_op with register_autograd; see geglu_triton.py). The saved lse is not an output
-# of the Function, so it is never differentiated. A second import of this file (Hub remote code loads it under its own
-# module name) reuses the registered operators.
 _NS = "mosaic_bert"
 
 
@@ -197,36 +191,42 @@ def _registered(name):
         return False
 
 
-def _define(name, schema, impl, fake):
-    if not _registered(name):
-        torch.library.define(f"{_NS}::{name}", schema)
-        torch.library.impl(f"{_NS}::{name}", ("cpu", "cuda"), impl)
-        torch.library.register_fake(f"{_NS}::{name}", fake)
+# Custom ops with fake implementations and autograd, so torch.compile traces them. A second import of this file (Hub
+# remote code loads it under its own module name) reuses the registered ops: they run the same kernels.
+if not _registered("cross_entropy_fwd"):
 
+    @torch.library.custom_op(f"{_NS}::cross_entropy_fwd", mutates_args=(),
+                             schema="(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)")
+    def _fwd_op(logits, labels, ignore_index):
+        return _forward(logits, labels, ignore_index)
 
-def _fwd_fake(logits, labels, ignore_index):
-    n = logits.shape[0]
-    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+    @_fwd_op.register_fake
+    def _fwd_fake(logits, labels, ignore_index):
+        n = logits.shape[0]
+        return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
 
+    @torch.library.custom_op(
+        f"{_NS}::cross_entropy_bwd", mutates_args=(),
+        schema="(Tensor dlosses, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor")
+    def _bwd_op(dlosses, logits, labels, lse, ignore_index):
+        return _backward(dlosses, logits, labels, lse, ignore_index)
 
-_define("cross_entropy_fwd", "(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)", _forward,
-        _fwd_fake)
-_define("cross_entropy_bwd", "(Tensor dlosses, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor",
-        _backward, lambda dlosses, logits, labels, lse, ignore_index: logits.new_empty(logits.shape))
+    @_bwd_op.register_fake
+    def _bwd_fake(dlosses, logits, labels, lse, ignore_index):
+        return logits.new_empty(logits.shape)
 
-
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index):
-        losses, lse = torch.ops.mosaic_bert.cross_entropy_fwd(logits, labels, ignore_index)
+    def _setup_context(ctx, inputs, output):
+        logits, labels, ignore_index = inputs
+        _, lse = output
         ctx.save_for_backward(logits, labels, lse)
+        ctx.mark_non_differentiable(lse)
         ctx.ignore_index = ignore_index
-        return losses
 
-    @staticmethod
-    def backward(ctx, dlosses):
+    def _fwd_op_backward(ctx, dlosses, dlse):
         logits, labels, lse = ctx.saved_tensors
         return torch.ops.mosaic_bert.cross_entropy_bwd(dlosses, logits, labels, lse, ctx.ignore_index), None, None
+
+    _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -245,4 +245,5 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         raise ValueError(reason)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return _CrossEntropy.apply(logits, labels, ignore_index)
+    losses, _ = torch.ops.mosaic_bert.cross_entropy_fwd(logits, labels, ignore_index)
+    return losses

@@ -31,9 +31,9 @@ All exponentials are base 2: ``log2(e)`` is folded into the softmax scale and in
 the ALiBi slopes, so ``exp(x) = exp2(x * log2(e))`` costs one MUFU instruction. The
 saved LSE is in the same base-2 units.
 
-The kernels are registered as PyTorch operators (``torch.ops.mosaic_bert.*``) with
-fake (meta) implementations and called from a ``torch.autograd.Function``, so
-``torch.compile(fullgraph=True)`` can trace a model that calls either function.
+The operations are registered as PyTorch custom ops (``torch.ops.mosaic_bert.*``)
+with fake (meta) implementations and autograd, so ``torch.compile(fullgraph=True)``
+can trace a model that calls either function.
 
 Running on CPU: with ``TRITON_INTERPRET=1`` set in the environment *before this
 module is imported* (Triton reads it when ``@triton.jit`` decorates a kernel), the
@@ -535,14 +535,11 @@ def _backward(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax
 
 
 # ----------------------------------------------------------------------------------
-# Operators. The kernels are PyTorch operators (torch.ops.mosaic_bert.*) with fake
-# implementations, so torch.compile traces them; autograd lives in a
-# torch.autograd.Function around them (cheaper per eager call than
-# torch.library.custom_op with register_autograd; see geglu_triton.py). The schemas
-# are spelled out so that they read the same on every supported PyTorch version.
+# Custom ops. The schemas are spelled out (rather than inferred from annotations) so
+# that they read the same on every supported PyTorch version.
 # If this file is imported a second time under another module name (Hub remote code
-# can be loaded under its own package name next to a local copy), the operators
-# already registered are reused: they run the same kernels.
+# can be loaded under its own package name next to a local copy), the ops already
+# registered are reused: they run the same kernels.
 # ----------------------------------------------------------------------------------
 
 _NS = "mosaic_bert"
@@ -556,49 +553,48 @@ def _registered(name):
         return False
 
 
-def _define(name, schema, impl, fake):
-    if not _registered(name):
-        torch.library.define(f"{_NS}::{name}", schema)
-        torch.library.impl(f"{_NS}::{name}", ("cpu", "cuda"), impl)
-        torch.library.register_fake(f"{_NS}::{name}", fake)
+if not _registered("flash_attn_varlen_qkvpacked_fwd"):
 
+    @torch.library.custom_op(
+        f"{_NS}::flash_attn_varlen_qkvpacked_fwd", mutates_args=(),
+        schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor? alibi_slopes, "
+               "float softmax_scale) -> (Tensor, Tensor)")
+    def _fwd_op(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        q, k, v = qkv.unbind(1)
+        return _forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
 
-def _fwd_op(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-    q, k, v = qkv.unbind(1)
-    return _forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+    @_fwd_op.register_fake
+    def _fwd_fake(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        total, _, heads, head_dim = qkv.shape
+        return (qkv.new_empty((total, heads, head_dim)),
+                qkv.new_empty((heads, total), dtype=torch.float32))
 
+    @torch.library.custom_op(
+        f"{_NS}::flash_attn_varlen_qkvpacked_bwd", mutates_args=(),
+        schema="(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, "
+               "SymInt max_seqlen, Tensor? alibi_slopes, float softmax_scale) -> Tensor")
+    def _bwd_op(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        return _backward(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
 
-def _fwd_fake(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-    total, _, heads, head_dim = qkv.shape
-    return (qkv.new_empty((total, heads, head_dim)),
-            qkv.new_empty((heads, total), dtype=torch.float32))
+    @_bwd_op.register_fake
+    def _bwd_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+        return qkv.new_empty(qkv.shape)
 
-
-_define("flash_attn_varlen_qkvpacked_fwd",
-        "(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor? alibi_slopes, "
-        "float softmax_scale) -> (Tensor, Tensor)", _fwd_op, _fwd_fake)
-_define("flash_attn_varlen_qkvpacked_bwd",
-        "(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, "
-        "SymInt max_seqlen, Tensor? alibi_slopes, float softmax_scale) -> Tensor",
-        _backward, lambda dout, qkv, *args: qkv.new_empty(qkv.shape))
-
-
-class _FlashAttnQKVPacked(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        out, lse = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd(
-            qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+    def _setup_context(ctx, inputs, output):
+        qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale = inputs
+        out, lse = output
         ctx.save_for_backward(qkv, out, lse, cu_seqlens, alibi_slopes)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
-        return out
+        ctx.mark_non_differentiable(lse)
 
-    @staticmethod
-    def backward(ctx, dout):
+    def _fwd_op_backward(ctx, dout, dlse):
         qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
         dqkv = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd(
             dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes, ctx.softmax_scale)
         return dqkv, None, None, None, None
+
+    _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
@@ -623,7 +619,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=N
         raise ValueError(reason)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(qkv.shape[-1])
-    return _FlashAttnQKVPacked.apply(qkv, cu_seqlens, max_seqlen, alibi_slopes, float(softmax_scale))
+    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd(
+        qkv, cu_seqlens, max_seqlen, alibi_slopes, float(softmax_scale))
+    return out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):

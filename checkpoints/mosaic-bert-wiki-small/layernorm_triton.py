@@ -21,9 +21,9 @@ Public API::
     dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0) -> y
     unsupported_reason(x, residual, weight, bias) -> str | None
 
-One program normalises a whole row, so hidden is limited to MAX_HIDDEN. The kernels are PyTorch operators
-(``torch.ops.mosaic_bert.dropout_add_layer_norm_fwd`` / ``dropout_add_layer_norm_bwd``) with fake implementations,
-called from a ``torch.autograd.Function``, so torch.compile can trace a model that calls `dropout_add_layer_norm`. With ``TRITON_INTERPRET=1`` set
+One program normalises a whole row, so hidden is limited to MAX_HIDDEN. The operations are PyTorch custom ops
+(``torch.ops.mosaic_bert.dropout_add_layer_norm_fwd`` / ``dropout_add_layer_norm_bwd``) with fake implementations and
+autograd, so torch.compile can trace a model that calls `dropout_add_layer_norm`. With ``TRITON_INTERPRET=1`` set
 before import, the kernels run on CPU tensors in Triton's interpreter (tests). Shipped as Hugging Face remote code:
 imports only torch and triton.
 """
@@ -229,10 +229,6 @@ def _backward(dy, x, residual, weight, bias, mean, rstd, seed, p):
     return dx, dresidual, dweight_partial.sum(0).to(weight.dtype), dbias_partial.sum(0).to(bias.dtype)
 
 
-# The kernels are PyTorch operators (torch.ops.mosaic_bert.dropout_add_layer_norm_fwd / _bwd) with fake
-# implementations, so torch.compile traces them; autograd lives in a torch.autograd.Function around them (cheaper per
-# eager call than torch.library.custom_op with register_autograd; see geglu_triton.py). A second import of this file
-# reuses the registered operators.
 _NS = "mosaic_bert"
 
 
@@ -244,46 +240,47 @@ def _registered(name):
         return False
 
 
-def _define(name, schema, impl, fake):
-    if not _registered(name):
-        torch.library.define(f"{_NS}::{name}", schema)
-        torch.library.impl(f"{_NS}::{name}", ("cpu", "cuda"), impl)
-        torch.library.register_fake(f"{_NS}::{name}", fake)
+if not _registered("dropout_add_layer_norm_fwd"):
 
+    @torch.library.custom_op(
+        f"{_NS}::dropout_add_layer_norm_fwd", mutates_args=(),
+        schema="(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, Tensor? seed, float p) "
+               "-> (Tensor, Tensor, Tensor)")
+    def _fwd_op(x, residual, weight, bias, eps, seed, p):
+        return _forward(x, residual, weight, bias, eps, seed, p)
 
-def _fwd_fake(x, residual, weight, bias, eps, seed, p):
-    tokens = x.shape[0]
-    return (x.new_empty(x.shape), x.new_empty((tokens,), dtype=torch.float32),
-            x.new_empty((tokens,), dtype=torch.float32))
+    @_fwd_op.register_fake
+    def _fwd_fake(x, residual, weight, bias, eps, seed, p):
+        tokens = x.shape[0]
+        return (x.new_empty(x.shape), x.new_empty((tokens,), dtype=torch.float32),
+                x.new_empty((tokens,), dtype=torch.float32))
 
+    @torch.library.custom_op(
+        f"{_NS}::dropout_add_layer_norm_bwd", mutates_args=(),
+        schema="(Tensor dy, Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
+               "Tensor? seed, float p) -> (Tensor, Tensor, Tensor, Tensor)")
+    def _bwd_op(dy, x, residual, weight, bias, mean, rstd, seed, p):
+        return _backward(dy, x, residual, weight, bias, mean, rstd, seed, p)
 
-def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, seed, p):
-    return (x.new_empty(x.shape), residual.new_empty(x.shape), weight.new_empty(weight.shape),
-            bias.new_empty(bias.shape))
+    @_bwd_op.register_fake
+    def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, seed, p):
+        return x.new_empty(x.shape), residual.new_empty(x.shape), weight.new_empty(weight.shape), \
+            bias.new_empty(bias.shape)
 
-
-_define("dropout_add_layer_norm_fwd",
-        "(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, Tensor? seed, float p) "
-        "-> (Tensor, Tensor, Tensor)", _forward, _fwd_fake)
-_define("dropout_add_layer_norm_bwd",
-        "(Tensor dy, Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
-        "Tensor? seed, float p) -> (Tensor, Tensor, Tensor, Tensor)", _backward, _bwd_fake)
-
-
-class _DropoutAddLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, seed, p):
-        y, mean, rstd = torch.ops.mosaic_bert.dropout_add_layer_norm_fwd(x, residual, weight, bias, eps, seed, p)
+    def _setup_context(ctx, inputs, output):
+        x, residual, weight, bias, _eps, seed, p = inputs
+        _, mean, rstd = output
         ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
+        ctx.mark_non_differentiable(mean, rstd)
         ctx.p = p
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
+    def _fwd_op_backward(ctx, dy, dmean, drstd):
         x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
         dx, dresidual, dweight, dbias = torch.ops.mosaic_bert.dropout_add_layer_norm_bwd(
             dy, x, residual, weight, bias, mean, rstd, seed, ctx.p)
         return dx, dresidual, dweight, dbias, None, None, None
+
+    _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -308,4 +305,6 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     seed = torch.randint(2**31 - 1, (1,), device=x.device, dtype=torch.int64) if dropout_p > 0 else None
-    return _DropoutAddLayerNorm.apply(x, residual, weight, bias, float(eps), seed, float(dropout_p))
+    y, _, _ = torch.ops.mosaic_bert.dropout_add_layer_norm_fwd(x, residual, weight, bias, float(eps), seed,
+                                                               float(dropout_p))
+    return y
