@@ -27,6 +27,7 @@ from modeling_mosaic_bert import MosaicBertForMaskedLM  # noqa: E402
 
 CATEGORIES = [  # first match wins, on the lower-cased kernel name
     ("geglu kernel", ("_geglu_",)),
+    ("cross-entropy kernel", ("_ce_",)),
     ("layernorm", ("layer_norm", "layernorm", "_ln_")),
     ("attention kernel", ("flash_attn", "_attn_fwd", "_attn_bwd", "_bwd_preprocess", "_fwd_kernel", "_bwd_",
                           "scaled_dot_product", "flash_attention")),
