@@ -182,7 +182,7 @@ def _seed_arg(seed, x):
 
 
 def _launch_config(hidden):
-    block = triton.next_power_of_2(hidden)
+    block = max(triton.next_power_of_2(hidden), 4)  # at least one Philox call's four numbers for the dropout mask
     return block, min(max(block // 256, 1), 8)  # about 8 elements (16 bytes in half precision) per thread
 
 

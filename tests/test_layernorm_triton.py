@@ -217,6 +217,22 @@ def test_dropout_forward_and_backward_share_one_mask(p):
 
 
 @needs_kernel
+@pytest.mark.parametrize("hidden", [1, 3])
+def test_dropout_on_rows_narrower_than_one_philox_draw(hidden):
+    """Rows of fewer than the four numbers one Philox call gives run with dropout: y is the bias where hidden is 1,
+    and with 3 columns y and the gradients match the reference under the forward's mask. (With 2 columns LayerNorm's
+    output is +-weight + bias whatever the input, so its input gradients are pure rounding: not compared.)"""
+    inputs, dy = random_inputs(9, hidden, torch.float32, seed=30 + hidden)
+    torch.manual_seed(4)
+    y, grads = run_kernel(inputs, dy, 0.5)
+    if hidden == 1:
+        torch.testing.assert_close(y.cpu(), inputs[3].cpu().expand(9, 1))
+    else:
+        keep = dropout_mask((9, hidden), 0.5, torch_seed=4)
+        assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, keep, 0.5), 1e-5)
+
+
+@needs_kernel
 def test_dropout_in_half_precision_with_float32_parameters_matches_reference():
     inputs, dy = random_inputs(37, 768, torch.float16, seed=12, param_dtype=torch.float32)
     torch.manual_seed(8)
