@@ -90,7 +90,7 @@ def sweep_layer_norm(tokens: int, hidden: int = 768, p: float = 0.1) -> list[dic
             errors = [rel_err(y, ref_y)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
             _, mean_p, rstd_p = ln._forward(x, residual, weight, bias, 1e-12, seed, p)
             fwd = bench_ms(lambda: ln._forward(x, residual, weight, bias, 1e-12, seed, p))
-            bwd = bench_ms(lambda: ln._backward(dy, x, residual, weight, bias, mean_p, rstd_p, seed, p))
+            bwd = bench_ms(lambda m=mean_p, r=rstd_p: ln._backward(dy, x, residual, weight, bias, m, r, seed, p))
             # forward: x, residual in, y out; backward: dy, x, residual in, dx, dresidual out
             fwd_bytes, bwd_bytes = 3 * x.nbytes, 5 * x.nbytes
             rows.append(dict(kernel="layernorm", block=block, warps=warps, groups_per_sm=groups, fwd_ms=fwd,

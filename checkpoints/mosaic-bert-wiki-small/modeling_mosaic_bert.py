@@ -39,16 +39,16 @@ except ImportError:  # loaded from a folder on sys.path (tests, scripts)
     from configuration_mosaic_bert import MosaicBertConfig
 
 try:  # the Triton kernels are optional: without Triton, the model runs on PyTorch
+    from .cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
     from .flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
     from .geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
     from .layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
-    from .cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
 except ImportError:
     try:
+        from cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
         from flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
         from geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
         from layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
-        from cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
     except ImportError:
         flash_attn_varlen_qkvpacked_func = unsupported_reason = geglu = geglu_unsupported_reason = None
         dropout_add_layer_norm = layer_norm_unsupported_reason = cross_entropy = None
@@ -697,8 +697,6 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             hidden_states=encoding.padded_hidden_states(),
             attentions=encoding.attentions,
         )
-
-
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
