@@ -32,6 +32,33 @@ import torch  # noqa: E402
 
 from reference import Dims  # noqa: E402
 
+# True when the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 before they are imported).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# True on a CUDA machine with the kernels compiled for the GPU (the interpreter would run them on CPU tensors).
+HAS_CUDA = torch.cuda.is_available() and not INTERPRET
+# Where the kernel tests put their tensors: the GPU, or the CPU for the interpreter.
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only with CUDA (and TRITON_INTERPRET unset); `interpreter` tests need the kernels to run, on
+    a GPU or in Triton's CPU interpreter. Markers are declared in pyproject.toml."""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+    skip_kernels = pytest.mark.skip(reason="needs a CUDA GPU, or TRITON_INTERPRET=1 for Triton's CPU interpreter")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        elif "interpreter" in item.keywords and not (HAS_CUDA or INTERPRET):
+            item.add_marker(skip_kernels)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64 on the CPU; fails on NaN/inf in x (an unwritten or overflowed element)."""
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
+    assert torch.isfinite(x).all(), "NaN/inf in the output (an unwritten element, or an overflow)"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
