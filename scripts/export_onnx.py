@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+r"""Export a MosaicBERT folder to ONNX with dynamic batch and sequence axes, check it, optionally time it.
+
+    python scripts/export_onnx.py --model checkpoints/mosaic-bert-wiki-small --output /tmp/mosaic-bert.onnx
+    python scripts/export_onnx.py --model runs/glue/sst2 --task sequence-classification --output sst2.onnx
+    python scripts/export_onnx.py --model checkpoints/mosaic-bert-wiki-small --output /tmp/mlm.onnx \
+        --task masked-lm --measure-latency --latency-batch-size 8 --latency-seqlen 128
+
+The export goes through `torch.onnx.export(dynamo=True)` (torch.export underneath), on the model's padded attention
+path (SDPA with the ALiBi bias and a key-padding mask), which the model takes by itself while it is being exported.
+The inputs are those a tokenizer gives: input_ids, attention_mask and token_type_ids, each (batch, seqlen), int64.
+After exporting, onnxruntime runs a tokenizer batch of another shape than the export example, right- and
+left-padded, and every output is compared with PyTorch eager; the script fails when they differ by more than
+--atol. With --measure-latency it prints the median CPU latency of onnxruntime and of PyTorch eager for one
+batch_size x seqlen batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    HfArgumentParser,
+)
+
+TASKS = {
+    "base": AutoModel,
+    "masked-lm": AutoModelForMaskedLM,
+    "sequence-classification": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
+    "question-answering": AutoModelForQuestionAnswering,
+}
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class ExportOptions:
+    model: str = field(metadata={"help": "a MosaicBERT folder (save_pretrained output with its tokenizer)"})
+    output: str = field(metadata={"help": "the .onnx file to write (the weights go beside it, in <output>.data)"})
+    task: Literal["base", "masked-lm", "sequence-classification", "token-classification", "question-answering"] = (
+        field(default="base", metadata={"help": "which head to export (the Auto class that loads the folder)"})
+    )
+    opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: the exporter's)"})
+    atol: float = field(default=1e-4, metadata={"help": "largest |onnxruntime - eager| the check accepts"})
+    check_batch_size: int = field(default=5, metadata={"help": "batch size of the check (not the export's 2)"})
+    check_seqlen: int = field(default=23, metadata={"help": "padded length of the check (not the export's 16)"})
+    measure_latency: bool = field(default=False, metadata={"help": "time onnxruntime and PyTorch eager on CPU"})
+    latency_batch_size: int = field(default=8, metadata={"help": "batch size of the latency measurement"})
+    latency_seqlen: int = field(default=128, metadata={"help": "padded length of the latency measurement"})
+    latency_repeats: int = field(default=20, metadata={"help": "timed runs per runtime (the median is reported)"})
+    threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for both runtimes (default: torch.get_num_threads())"}
+    )
+
+
+def load_model(folder: str, task: str) -> torch.nn.Module:
+    """The folder's model for `task`, float32, in eval mode."""
+    model = TASKS[task].from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    return model.eval()
+
+
+def tokenizer_batch(tokenizer, batch_size: int, seqlen: int, padding_side: str = "right", seed: int = 0) -> dict:
+    """What a tokenizer gives for `batch_size` texts of random vocabulary words, padded (and truncated) to exactly
+    `seqlen` tokens on `padding_side`: int64 (batch_size, seqlen) input_ids, attention_mask and token_type_ids.
+    The real lengths vary from row to row (2 to seqlen tokens, [CLS] and [SEP] included); the first row is full."""
+    rng = random.Random(seed)
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.isascii())
+    texts = [" ".join(rng.choices(words, k=seqlen if b == 0 else rng.randint(0, seqlen - 2)))
+             for b in range(batch_size)]
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=seqlen, padding_side=padding_side,
+                      return_tensors="pt", return_token_type_ids=True)
+    return {name: batch[name] for name in INPUT_NAMES}
+
+
+def output_names(model: torch.nn.Module, inputs: dict) -> list[str]:
+    """Names of the tensors the model returns for `inputs`, in the order ONNX lists them."""
+    with torch.inference_mode():
+        return list(model(**inputs).keys())
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example: dict, opset: int | None = None) -> Path:
+    """Exports `model` with `torch.onnx.export(dynamo=True)`, batch and sequence axes dynamic, inputs named as in
+    `example` (a tokenizer batch of at least 2 x 2), outputs named after the model's output fields.
+    Returns the .onnx path (the weights sit beside it)."""
+    batch, seqlen = torch.export.Dim("batch"), torch.export.Dim("seqlen")
+    dynamic_shapes = {name: {0: batch, 1: seqlen} for name in example}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (), str(path), kwargs=dict(example), dynamo=True, dynamic_shapes=dynamic_shapes,
+        input_names=list(example), output_names=output_names(model, example), opset_version=opset,
+    )
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session over the exported file (all graph optimisations, `threads` intra-op threads)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, inputs: dict) -> dict[str, np.ndarray]:
+    """onnxruntime outputs by name for a batch of torch tensors."""
+    names = [o.name for o in session.get_outputs()]
+    feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, feed)))
+
+
+def max_abs_diffs(model: torch.nn.Module, session, inputs: dict) -> dict[str, float]:
+    """max |onnxruntime - eager| of every output, by name; every position is compared (padded ones too)."""
+    with torch.inference_mode():
+        eager = model(**inputs)
+    onnx = run_onnx(session, inputs)
+    if set(onnx) != set(eager.keys()):
+        raise ValueError(f"the ONNX outputs {sorted(onnx)} are not the model's {sorted(eager.keys())}")
+    diffs = {}
+    for name, value in onnx.items():
+        if value.shape != tuple(eager[name].shape):
+            raise ValueError(f"{name}: onnxruntime gives shape {value.shape}, eager {tuple(eager[name].shape)}")
+        diffs[name] = float(np.abs(value - eager[name].numpy()).max())
+    return diffs
+
+
+def median_latency(fn: Callable[[], object], repeats: int, warmup: int = 2,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds of `repeats` timed calls of `fn`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def measure_latency(model: torch.nn.Module, session, inputs: dict, repeats: int,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median CPU seconds per batch of onnxruntime and of PyTorch eager (inference mode) on `inputs`."""
+    feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+
+    def eager():
+        with torch.inference_mode():
+            model(**inputs)
+
+    return {
+        "onnxruntime": median_latency(lambda: session.run(None, feed), repeats, clock=clock),
+        "pytorch_eager": median_latency(eager, repeats, clock=clock),
+    }
+
+
+def check_export(model: torch.nn.Module, session, tokenizer, options: ExportOptions) -> dict[str, float]:
+    """Largest |onnxruntime - eager| per output over a right- and a left-padded batch of the check shape.
+    Raises ValueError above options.atol."""
+    worst: dict[str, float] = {}
+    for side in ("right", "left"):
+        inputs = tokenizer_batch(tokenizer, options.check_batch_size, options.check_seqlen, side, seed=1)
+        for name, diff in max_abs_diffs(model, session, inputs).items():
+            worst[name] = max(worst.get(name, 0.0), diff)
+    bad = {name: diff for name, diff in worst.items() if not diff <= options.atol}
+    if bad:
+        raise ValueError(f"onnxruntime differs from eager by more than {options.atol:g}: {bad}")
+    return worst
+
+
+def run(options: ExportOptions) -> dict:
+    """Export, check and (optionally) time; returns what it printed, as numbers."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    tokenizer = AutoTokenizer.from_pretrained(options.model)
+    model = load_model(options.model, options.task)
+    path = export_onnx(model, options.output, tokenizer_batch(tokenizer, 2, 16), options.opset)
+    session = onnx_session(path, options.threads)
+    print(f"exported {options.model} ({options.task}) to {path}")
+    diffs = check_export(model, session, tokenizer, options)
+    shape = f"{options.check_batch_size} x {options.check_seqlen}"
+    for name, diff in diffs.items():
+        print(f"max |onnxruntime - eager| of {name} on {shape}, right and left padding: {diff:.2e}")
+    result = {"output": str(path), "max_abs_diff": diffs}
+    if options.measure_latency:
+        inputs = tokenizer_batch(tokenizer, options.latency_batch_size, options.latency_seqlen, seed=2)
+        latency = measure_latency(model, session, inputs, options.latency_repeats)
+        shape = f"{options.latency_batch_size} x {options.latency_seqlen}"
+        threads = options.threads or torch.get_num_threads()
+        print(f"median CPU latency, {shape}, {threads} threads, {options.latency_repeats} runs:")
+        for runtime, seconds in latency.items():
+            print(f"  {runtime:14s} {seconds * 1e3:8.1f} ms")
+        result["latency_s"] = latency
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser(ExportOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    (options,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return run(options)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        main()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
