@@ -1,23 +1,61 @@
-"""The shipped checkpoint (checkpoints/mosaic-bert-wiki-small): complete, in sync with the package, and working."""
+"""The shipped checkpoint (checkpoints/mosaic-bert-wiki-small): complete, generated from the package, and working.
+
+Its code files, config and shards are written by scripts/refresh_checkpoint.py (save_pretrained from the root code);
+when one of these tests says the folder is stale, run: python scripts/refresh_checkpoint.py
+"""
 
 import filecmp
+import importlib.util
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from conftest import TOKENIZER_FILES, make_config
+from reference import Dims
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "mosaic-bert-wiki-small")
-CODE_FILES = ("configuration_mosaic_bert.py", "modeling_mosaic_bert.py", "bert_padding.py", "flash_attn_triton.py",
-              "geglu_triton.py", "layernorm_triton.py", "cross_entropy_triton.py")
+STALE = "checkpoints/mosaic-bert-wiki-small is stale: run python scripts/refresh_checkpoint.py"
 
 
-@pytest.mark.parametrize("name", CODE_FILES)
-def test_shipped_checkpoint_carries_the_current_package_code(name):
-    assert filecmp.cmp(os.path.join(REPO_ROOT, name), os.path.join(CHECKPOINT, name), shallow=False), (
-        f"checkpoints/mosaic-bert-wiki-small/{name} differs from the package's {name}: copy it over"
-    )
+def _code_files(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith(".py"))
+
+
+def _refresh_script():
+    spec = importlib.util.spec_from_file_location("refresh_checkpoint", os.path.join(REPO_ROOT, "scripts",
+                                                                                     "refresh_checkpoint.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_checkpoint_holds_the_code_files_save_pretrained_writes(tmp_path):
+    from modeling_mosaic_bert import MosaicBertForMaskedLM
+
+    MosaicBertForMaskedLM(make_config(Dims())).save_pretrained(tmp_path)
+    assert _code_files(CHECKPOINT) == _code_files(tmp_path), STALE
+
+
+@pytest.mark.parametrize("name", _code_files(CHECKPOINT) + list(TOKENIZER_FILES))
+def test_shipped_checkpoint_files_equal_the_package_files(name):
+    root = os.path.join(REPO_ROOT, name)
+    assert os.path.exists(root), f"{name}: no such file at the root any more; {STALE}"
+    assert filecmp.cmp(root, os.path.join(CHECKPOINT, name), shallow=False), f"{name} differs; {STALE}"
+
+
+def test_shipped_checkpoint_auto_map_is_the_package_one():
+    shipped = json.load(open(os.path.join(CHECKPOINT, "config.json")))
+    root = json.load(open(os.path.join(REPO_ROOT, "config.json")))
+    assert shipped["auto_map"] == root["auto_map"], STALE
+
+
+def test_shipped_checkpoint_card_lists_what_the_folder_holds():
+    card = open(os.path.join(CHECKPOINT, "README.md"), encoding="utf-8").read()
+    assert _refresh_script().card_file_list(CHECKPOINT) in card, STALE
 
 
 def test_shipped_checkpoint_is_under_25_mb():
