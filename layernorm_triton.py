@@ -10,7 +10,8 @@ in the backward pass. Here:
   partial sums of dweight and dbias that torch adds up afterwards (no atomics: the result is deterministic).
 
 The dropout mask is never stored: both passes regenerate it from a Philox seed (one int64 on the device, so no host
-synchronisation) and the element's index, four numbers per Philox call, as geglu_triton does.
+synchronisation) and the element's index, four numbers per Philox call (triton_utils.keep_mask, shared with
+geglu_triton).
 
 This is MosaicBERT's "low-precision LayerNorm": under autocast x and residual are bfloat16 while weight and bias stay
 float32 parameters. The math runs in float32 whatever the input dtypes; y has x's dtype, dx x's, dresidual
@@ -22,36 +23,33 @@ Public API::
     unsupported_reason(x, residual, weight, bias) -> str | None
 
 One program normalises a whole row, so hidden is limited to MAX_HIDDEN. The operations are PyTorch custom ops
-(``torch.ops.mosaic_bert.dropout_add_layer_norm_fwd`` / ``dropout_add_layer_norm_bwd``) with fake implementations and
-autograd, so torch.compile can trace a model that calls `dropout_add_layer_norm`. With ``TRITON_INTERPRET=1`` set
-before import, the kernels run on CPU tensors in Triton's interpreter (tests). Shipped as Hugging Face remote code:
-imports only torch and triton.
+(`fwd_op` / `bwd_op`, ``torch.ops.<OP_NAMESPACE>.dropout_add_layer_norm_fwd`` / ``dropout_add_layer_norm_bwd``) with
+fake implementations and autograd, so torch.compile can trace a model that calls `dropout_add_layer_norm`. With
+``TRITON_INTERPRET=1`` set before import, the kernels run on CPU tensors in Triton's interpreter (tests). Shipped as
+Hugging Face remote code: imports only torch, triton and its sibling triton_utils.py.
+
+Credits: the low-precision residual LayerNorm is MosaicML's MosaicBERT (Portes et al., 2023). The kernels follow the
+Triton tutorials "Layer Normalization" (one program per row forward; backward partial sums of dweight / dbias per
+group of rows, reduced afterwards) and "Low-Memory Dropout" (the mask regenerated from a seed).
 """
 
 import torch
 import triton
 import triton.language as tl
 
+try:  # loaded as Hub remote code, inside a package
+    from .triton_utils import (INTERPRET, contiguous_reason, define_ops, dropout_seed, dtype_reason, keep_mask,  # noqa: I001
+                               new_output, op_namespace, seed_arg, tensors_reason, unit_stride_reason)
+except ImportError:  # loaded from a folder on sys.path (tests, scripts)
+    from triton_utils import (INTERPRET, contiguous_reason, define_ops, dropout_seed, dtype_reason, keep_mask,  # noqa: I001
+                              new_output, op_namespace, seed_arg, tensors_reason, unit_stride_reason)
+
 MAX_HIDDEN = 8192  # one row per program: BLOCK = next power of two >= hidden columns live in registers
 ROW_GROUPS_PER_SM = 4  # backward programs per multiprocessor; each reduces dweight / dbias over its group of rows
 INTERPRET_ROW_GROUPS = 4  # backward programs in Triton's interpreter (small, so that tests exercise row groups)
 
-# Tests set this to True to fill freshly allocated outputs with NaN, so that an element the kernels forget to write
-# shows up as NaN instead of stale memory.
-_POISON_OUTPUTS = False
 
-
-# The dropout keep-mask of row t: [u >= p] for BLOCK uniforms u in [0, 1) from BLOCK / 4 Philox calls on the counters
-# t * BLOCK / 4 + [0, BLOCK / 4) (four numbers per call: one call per element would cost more than the row's memory
-# traffic). Forward and backward, passing the same row, get the same mask.
-@triton.jit
-def _keep_mask(Seed, p, row, BLOCK: tl.constexpr):
-    counters = (row * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
-    r0, r1, r2, r3 = tl.rand4x(tl.load(Seed), counters)
-    return tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK,)) >= p
-
-
-# Forward, per row t of H = hidden elements, with keep(t, j) from _keep_mask(t)   (keep = 1 if p = 0):
+# Forward, per row t of H = hidden elements, with keep(t, j) entry j of keep_mask(Seed, p, t)   (keep = 1 if p = 0):
 #     z[j]    = x[t, j] * keep(t, j) / (1 - p) + residual[t, j]
 #     mean    = sum_j z[j] / H
 #     rstd    = 1 / sqrt(sum_j (z[j] - mean)^2 / H + eps)                                     (biased variance)
@@ -65,7 +63,7 @@ def _ln_fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, hidden, stride_xt, stride_rt
     in_row = cols < hidden
     x = tl.load(X + row * stride_xt + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _keep_mask(Seed, p, row, BLOCK)
+        keep = keep_mask(Seed, p, row, BLOCK)
         x = tl.where(keep, x / (1.0 - p), 0.0)
     z = x + tl.load(R + row * stride_rt + cols, mask=in_row, other=0.0).to(tl.float32)
     mean = tl.sum(z, axis=0) / hidden
@@ -101,7 +99,7 @@ def _ln_bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DX, DR, DWp, DBp, tokens, hidd
     for row in range(row_start, row_end):
         x = tl.load(X + row * stride_xt + cols, mask=in_row, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = _keep_mask(Seed, p, row, BLOCK)
+            keep = keep_mask(Seed, p, row, BLOCK)
             x = tl.where(keep, x / (1.0 - p), 0.0)
         z = x + tl.load(R + row * stride_rt + cols, mask=in_row, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + row)
@@ -123,62 +121,32 @@ def _ln_bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DX, DR, DWp, DBp, tokens, hidd
 # Host side
 # ----------------------------------------------------------------------------------------------------------------
 
-# True when Triton decorated the kernels for its CPU interpreter (TRITON_INTERPRET=1 at import). Read once here:
-# torch.compile cannot trace type() of a Triton kernel object.
-_INTERPRET = type(_ln_fwd_kernel).__name__ == "InterpretedFunction"
-
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PARAMETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unsupported_reason(x, residual, weight, bias) -> str | None:
     """Why `dropout_add_layer_norm` cannot run on these inputs, or None. Checks metadata only (no synchronisation)."""
-    named = {"x": x, "residual": residual, "weight": weight, "bias": bias}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
-    if x.device.type != "cuda" and not _INTERPRET:
-        return f"x is on {x.device}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
-    if _INTERPRET and x.device.type != "cpu":
-        return f"x is on {x.device}; in Triton's interpreter mode the kernels run on CPU tensors"
-    for name, t in named.items():
-        if t.device != x.device:
-            return f"{name} is on {t.device} but x is on {x.device}; all four must be on one device"
-    for name in ("x", "residual"):
-        if named[name].dtype not in _ACTIVATION_DTYPES:
-            return f"{name} dtype {named[name].dtype} is not supported (float16, bfloat16, float32)"
-    for name in ("weight", "bias"):
-        if named[name].dtype not in _PARAMETER_DTYPES:
-            return f"{name} dtype {named[name].dtype} is not supported (float16, bfloat16, float32, float64)"
+    reason = tensors_reason(x=x, residual=residual, weight=weight, bias=bias)
+    for name, t in (("x", x), ("residual", residual)):
+        reason = reason or dtype_reason(name, t, _ACTIVATION_DTYPES)
+    for name, t in (("weight", weight), ("bias", bias)):
+        reason = reason or dtype_reason(name, t, _PARAMETER_DTYPES)
+    if reason is not None:
+        return reason
     if x.dim() != 2:
         return f"x must be (tokens, hidden), got shape {tuple(x.shape)}"
     if residual.shape != x.shape:
         return f"residual shape {tuple(residual.shape)} does not match x shape {tuple(x.shape)}"
     hidden = x.shape[1]
-    for name in ("weight", "bias"):
-        if named[name].shape != (hidden,):
-            return f"{name} must have shape ({hidden},) (hidden of x), got {tuple(named[name].shape)}"
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (hidden,):
+            return f"{name} must have shape ({hidden},) (hidden of x), got {tuple(t.shape)}"
     if not 1 <= hidden <= MAX_HIDDEN:
         return (f"hidden size {hidden} is not supported: one program normalises a whole row, so hidden must be in "
                 f"[1, {MAX_HIDDEN}]")
-    for name in ("x", "residual"):
-        if named[name].stride(1) != 1 and hidden > 1:
-            return f"{name} must have unit stride on its last dimension, got strides {named[name].stride()}"
-    for name in ("weight", "bias"):
-        if not named[name].is_contiguous():
-            return f"{name} must be contiguous, got stride {named[name].stride()}"
-    return None
-
-
-def _new_output(shape, like, dtype=None):
-    dtype = like.dtype if dtype is None else dtype
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _seed_arg(seed, x):
-    return (x, False) if seed is None else (seed, True)  # x: any pointer, never read without dropout
+    return (unit_stride_reason("x", x) or unit_stride_reason("residual", residual)
+            or contiguous_reason("weight", weight) or contiguous_reason("bias", bias))
 
 
 def _launch_config(hidden):
@@ -188,7 +156,7 @@ def _launch_config(hidden):
 
 def _row_groups(tokens, device):
     """(programs, rows_per_program) of the backward pass: every program gets at least one row."""
-    if _INTERPRET:
+    if INTERPRET:
         max_groups = INTERPRET_ROW_GROUPS
     else:
         max_groups = ROW_GROUPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -198,11 +166,11 @@ def _row_groups(tokens, device):
 
 def _forward(x, residual, weight, bias, eps, seed, p):
     tokens, hidden = x.shape
-    y = _new_output((tokens, hidden), x)
-    mean = _new_output((tokens,), x, torch.float32)
-    rstd = _new_output((tokens,), x, torch.float32)
+    y = new_output((tokens, hidden), x)
+    mean = new_output((tokens,), x, torch.float32)
+    rstd = new_output((tokens,), x, torch.float32)
     if tokens:
-        seed_ptr, has_dropout = _seed_arg(seed, x)
+        seed_ptr, has_dropout = seed_arg(seed, x)
         block, num_warps = _launch_config(hidden)
         _ln_fwd_kernel[(tokens,)](
             x, residual, weight, bias, y, mean, rstd, seed_ptr, hidden, x.stride(0), residual.stride(0), y.stride(0),
@@ -213,14 +181,14 @@ def _forward(x, residual, weight, bias, eps, seed, p):
 def _backward(dy, x, residual, weight, bias, mean, rstd, seed, p):
     tokens, hidden = x.shape
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    dx = _new_output(x.shape, x)
-    dresidual = _new_output(x.shape, residual)
+    dx = new_output(x.shape, x)
+    dresidual = new_output(x.shape, residual)
     if not tokens:
         return dx, dresidual, torch.zeros_like(weight), torch.zeros_like(bias)
     programs, rows_per_program = _row_groups(tokens, x.device)
-    dweight_partial = _new_output((programs, hidden), x, torch.float32)
-    dbias_partial = _new_output((programs, hidden), x, torch.float32)
-    seed_ptr, has_dropout = _seed_arg(seed, x)
+    dweight_partial = new_output((programs, hidden), x, torch.float32)
+    dbias_partial = new_output((programs, hidden), x, torch.float32)
+    seed_ptr, has_dropout = seed_arg(seed, x)
     block, num_warps = _launch_config(hidden)
     _ln_bwd_kernel[(programs,)](
         dy, x, residual, weight, mean, rstd, seed_ptr, dx, dresidual, dweight_partial, dbias_partial, tokens, hidden,
@@ -229,58 +197,43 @@ def _backward(dy, x, residual, weight, bias, mean, rstd, seed, p):
     return dx, dresidual, dweight_partial.sum(0).to(weight.dtype), dbias_partial.sum(0).to(bias.dtype)
 
 
-_NS = "mosaic_bert"
+def _fwd_fake(x, residual, weight, bias, eps, seed, p):
+    row_stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    return x.new_empty(x.shape), row_stats, row_stats.new_empty(row_stats.shape)
 
 
-def _registered(name):
-    try:
-        getattr(getattr(torch.ops, _NS), name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, seed, p):
+    return x.new_empty(x.shape), residual.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
-if not _registered("dropout_add_layer_norm_fwd"):
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps, seed, p = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.p = p
 
-    @torch.library.custom_op(
-        f"{_NS}::dropout_add_layer_norm_fwd", mutates_args=(),
-        schema="(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, Tensor? seed, float p) "
-               "-> (Tensor, Tensor, Tensor)")
-    def _fwd_op(x, residual, weight, bias, eps, seed, p):
-        return _forward(x, residual, weight, bias, eps, seed, p)
 
-    @_fwd_op.register_fake
-    def _fwd_fake(x, residual, weight, bias, eps, seed, p):
-        tokens = x.shape[0]
-        return (x.new_empty(x.shape), x.new_empty((tokens,), dtype=torch.float32),
-                x.new_empty((tokens,), dtype=torch.float32))
+def _backward_of_forward(ctx, dy, dmean, drstd):
+    x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    dx, dresidual, dweight, dbias = bwd_op(dy, x, residual, weight, bias, mean, rstd, seed, ctx.p)
+    return dx, dresidual, dweight, dbias, None, None, None
 
-    @torch.library.custom_op(
-        f"{_NS}::dropout_add_layer_norm_bwd", mutates_args=(),
-        schema="(Tensor dy, Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
-               "Tensor? seed, float p) -> (Tensor, Tensor, Tensor, Tensor)")
-    def _bwd_op(dy, x, residual, weight, bias, mean, rstd, seed, p):
-        return _backward(dy, x, residual, weight, bias, mean, rstd, seed, p)
 
-    @_bwd_op.register_fake
-    def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, seed, p):
-        return x.new_empty(x.shape), residual.new_empty(x.shape), weight.new_empty(weight.shape), \
-            bias.new_empty(bias.shape)
-
-    def _setup_context(ctx, inputs, output):
-        x, residual, weight, bias, _eps, seed, p = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.p = p
-
-    def _fwd_op_backward(ctx, dy, dmean, drstd):
-        x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-        dx, dresidual, dweight, dbias = torch.ops.mosaic_bert.dropout_add_layer_norm_bwd(
-            dy, x, residual, weight, bias, mean, rstd, seed, ctx.p)
-        return dx, dresidual, dweight, dbias, None, None, None
-
-    _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
+# The custom ops, in this copy's own namespace (triton_utils.op_namespace: another copy of the code in the process
+# registers and runs its own ops), e.g. torch.ops.<OP_NAMESPACE>.dropout_add_layer_norm_fwd.
+OP_NAMESPACE = op_namespace(__file__)
+fwd_op, bwd_op = define_ops(
+    OP_NAMESPACE,
+    ("dropout_add_layer_norm_fwd",
+     "(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, Tensor? seed, float p) "
+     "-> (Tensor, Tensor, Tensor)",  # y, mean, rstd
+     _forward, _fwd_fake),
+    ("dropout_add_layer_norm_bwd",
+     "(Tensor dy, Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, Tensor? seed, "
+     "float p) -> (Tensor, Tensor, Tensor, Tensor)",  # dx, dresidual, dweight, dbias
+     _backward, _bwd_fake),
+    _setup_context, _backward_of_forward)
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -300,11 +253,8 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     reason = unsupported_reason(x, residual, weight, bias)
     if reason is not None:
         raise ValueError(reason)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    seed = torch.randint(2**31 - 1, (1,), device=x.device, dtype=torch.int64) if dropout_p > 0 else None
-    y, _, _ = torch.ops.mosaic_bert.dropout_add_layer_norm_fwd(x, residual, weight, bias, float(eps), seed,
-                                                               float(dropout_p))
+    seed = dropout_seed(dropout_p, x.device)
+    y, _, _ = fwd_op(x, residual, weight, bias, float(eps), seed, float(dropout_p))
     return y

@@ -1,29 +1,21 @@
 """Tests of geglu_triton.py (the fused GeGLU + dropout kernels) against a float64 PyTorch reference on CPU.
 
-Interpreter tests need TRITON_INTERPRET=1 in the environment before Python starts (scripts/test.sh does this):
-    TRITON_INTERPRET=1 python -m pytest -q tests/test_geglu_triton.py
-GPU tests need CUDA (and no TRITON_INTERPRET). The unsupported_reason tests run in every mode.
+Tests marked `interpreter` run the kernels: on a GPU, or in Triton's CPU interpreter with TRITON_INTERPRET=1 set
+before Python starts (the second stage of scripts/test.sh):
+    TRITON_INTERPRET=1 python -m pytest -q -m interpreter tests/test_geglu_triton.py
+Tests marked `gpu` need CUDA (and no TRITON_INTERPRET); unmarked tests run in every mode.
 
 Kernel outputs are poisoned with NaN before the kernels write them; errors are relative, ||x - ref|| / ||ref||.
 """
-
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import geglu_triton as gg  # noqa: E402
-
-INTERPRET = gg._INTERPRET
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-needs_kernel = pytest.mark.skipif(
-    not (INTERPRET or HAS_CUDA), reason="needs CUDA, or TRITON_INTERPRET=1 set before geglu_triton is imported")
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU tests need CUDA (and TRITON_INTERPRET unset)")
+import geglu_triton as gg
+import triton_utils
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import rel_err
 
 
 def reference(x: torch.Tensor, dy: torch.Tensor, keep: torch.Tensor | None, p: float):
@@ -39,19 +31,10 @@ def reference(x: torch.Tensor, dy: torch.Tensor, keep: torch.Tensor | None, p: f
 
 def run_kernel(x: torch.Tensor, dy: torch.Tensor, p: float = 0.0):
     x = x.detach().requires_grad_()
-    gg._POISON_OUTPUTS = True
-    try:
+    with triton_utils.poisoned_outputs():
         y = gg.geglu(x, p)
         (dx,) = torch.autograd.grad(y, x, dy)
-    finally:
-        gg._POISON_OUTPUTS = False
     return y.detach(), dx
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.detach().cpu().double()
-    assert torch.isfinite(x).all(), "NaN/inf in kernel output (unwritten element or overflow)"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def random_inputs(tokens: int, inner: int, dtype: torch.dtype, seed: int, scale: float = 2.0):
@@ -73,7 +56,7 @@ def dropout_mask(shape, p: float, torch_seed: int) -> torch.Tensor:
 SHAPES = [(1, 1), (3, 5), (37, 1024), (5, 1500)]  # one element, one partial block, exact blocks, a block and a part
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("tokens,inner", SHAPES)
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
 def test_forward_and_backward_match_float64_reference(tokens, inner, dtype, bound):
@@ -86,7 +69,7 @@ def test_forward_and_backward_match_float64_reference(tokens, inner, dtype, boun
     assert rel_err(dx, dx_ref) < bound
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_row_strided_view_input_matches_reference():
     """The projection may be a column slice of a wider tensor: only unit stride on the last dimension is needed."""
     wide, dy = random_inputs(9, 40, torch.float32, seed=3)
@@ -97,14 +80,14 @@ def test_row_strided_view_input_matches_reference():
     assert rel_err(y, y_ref) < 1e-6 and rel_err(dx, dx_ref) < 1e-6
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_zero_tokens_give_empty_outputs():
     x, dy = random_inputs(0, 16, torch.float32, seed=0)
     y, dx = run_kernel(x, dy)
     assert y.shape == (0, 16) and dx.shape == (0, 32)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_large_gates_saturate_without_overflow():
     """gelu(g) -> g for large g and -> 0 for very negative g; the float32 math must not produce inf or NaN."""
     x = torch.tensor([[30.0, -30.0, 0.0, 1.0, 2.0, 3.0]], device=DEVICE)
@@ -117,7 +100,7 @@ def test_large_gates_saturate_without_overflow():
 # ---------------------------------------------------------------- dropout
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_forward_and_backward_share_one_mask(p):
     """Backward regenerates the forward mask: dx equals the reference gradient under the mask seen in y."""
@@ -132,7 +115,7 @@ def test_dropout_forward_and_backward_share_one_mask(p):
     assert (dx.cpu()[:, :300][~keep.cpu()] == 0).all() and (dx.cpu()[:, 300:][~keep.cpu()] == 0).all()
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_dropout_keeps_the_expected_fraction_and_is_seeded():
     p, n = 0.3, 64 * 512
     first = dropout_mask((64, 1024), p, torch_seed=0)
@@ -149,19 +132,27 @@ def test_dropout_keeps_the_expected_fraction_and_is_seeded():
 # ---------------------------------------------------------------- operator registration and errors
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_operators_pass_opcheck():
     x, dy = random_inputs(4, 8, torch.float32, seed=1)
-    torch.library.opcheck(torch.ops.mosaic_bert.geglu_fwd.default, (x, None, 0.0))
-    torch.library.opcheck(torch.ops.mosaic_bert.geglu_bwd.default, (dy, x, None, 0.0))
+    torch.library.opcheck(gg.fwd_op.default, (x, None, 0.0))
+    torch.library.opcheck(gg.bwd_op.default, (dy, x, None, 0.0))
 
 
+@pytest.mark.interpreter
 def test_unsupported_reason_accepts_valid_inputs():
-    x = torch.zeros(3, 8, device=DEVICE)
-    expected_ok = INTERPRET or HAS_CUDA
-    assert (gg.unsupported_reason(x) is None) == expected_ok
+    assert gg.unsupported_reason(torch.zeros(3, 8, device=DEVICE)) is None
 
 
+def test_tensors_on_a_device_the_kernels_cannot_reach_are_refused():
+    x = torch.zeros(3, 8, device="meta")
+    reason = gg.unsupported_reason(x)
+    assert reason is not None and ("CUDA" in reason or "CPU tensors" in reason), reason
+    with pytest.raises(ValueError, match="is on meta"):
+        gg.geglu(x)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("make,fragment", [
     (lambda d: torch.zeros(3, 8, dtype=torch.int64, device=d), "dtype"),
     (lambda d: torch.zeros(3, 7, device=d), "2 * inner"),
@@ -172,14 +163,12 @@ def test_unsupported_reason_accepts_valid_inputs():
 def test_unsupported_reason_explains_bad_inputs(make, fragment):
     x = make(DEVICE)
     reason = gg.unsupported_reason(x)
-    assert reason is not None
-    if INTERPRET or HAS_CUDA or fragment == "torch.Tensor":
-        assert fragment in reason, reason
+    assert reason is not None and fragment in reason, reason
     with pytest.raises(ValueError):
         gg.geglu(x)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("p", [-0.1, 1.0])
 def test_dropout_probability_out_of_range_raises_value_error(p):
     with pytest.raises(ValueError, match="dropout_p"):
@@ -189,7 +178,7 @@ def test_dropout_probability_out_of_range_raises_value_error(p):
 # ---------------------------------------------------------------- GPU
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_gpu_model_sized_inputs_match_float64_reference(dtype, bound):
     x, dy = random_inputs(4099, 3072, dtype, seed=21)
@@ -198,7 +187,7 @@ def test_gpu_model_sized_inputs_match_float64_reference(dtype, bound):
     assert rel_err(y, y_ref) < bound and rel_err(dx, dx_ref) < bound
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_gpu_dropout_mask_matches_between_passes_in_bf16():
     x, dy = random_inputs(1000, 3072, torch.bfloat16, seed=4)
     torch.manual_seed(3)
@@ -209,7 +198,7 @@ def test_gpu_dropout_mask_matches_between_passes_in_bf16():
     assert rel_err(y, y_ref) < 1e-2 and rel_err(dx, dx_ref) < 1e-2
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph_matches_eager():
     x, dy = random_inputs(257, 640, torch.bfloat16, seed=8)
     compiled = torch.compile(lambda t: gg.geglu(t) * 2.0, fullgraph=True)
@@ -224,7 +213,7 @@ def test_gpu_torch_compile_fullgraph_matches_eager():
 # ---------------------------------------------------------------- in the model
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_feed_forward_block_takes_the_kernel_and_matches_the_pytorch_path():
     """MosaicBertGatedMLP with attention_backend='triton' runs the kernel (fp32 here) and agrees with 'torch'."""
     from configuration_mosaic_bert import MosaicBertConfig

@@ -1,32 +1,25 @@
 """Tests of layernorm_triton.py (the fused dropout + residual add + LayerNorm kernels) against a float64 PyTorch
 reference on CPU.
 
-Interpreter tests need TRITON_INTERPRET=1 in the environment before Python starts:
-    TRITON_INTERPRET=1 python -m pytest -q tests/test_layernorm_triton.py
-GPU tests need CUDA (and no TRITON_INTERPRET). The unsupported_reason tests run in every mode.
+Tests marked `interpreter` run the kernels: on a GPU, or in Triton's CPU interpreter with TRITON_INTERPRET=1 set
+before Python starts (the second stage of scripts/test.sh):
+    TRITON_INTERPRET=1 python -m pytest -q -m interpreter tests/test_layernorm_triton.py
+Tests marked `gpu` need CUDA (and no TRITON_INTERPRET); unmarked tests run in every mode.
 
 Kernel outputs (and the backward pass's partial-sum buffers) are poisoned with NaN before the kernels write them;
 errors are relative, ||x - ref|| / ||ref||.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import layernorm_triton as ln  # noqa: E402
+import layernorm_triton as ln
+import triton_utils
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import rel_err
 
-INTERPRET = ln._INTERPRET
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 EPS = 1e-5
-
-needs_kernel = pytest.mark.skipif(
-    not (INTERPRET or HAS_CUDA), reason="needs CUDA, or TRITON_INTERPRET=1 set before layernorm_triton is imported")
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU tests need CUDA (and TRITON_INTERPRET unset)")
 
 
 def reference(inputs, dy: torch.Tensor, keep: torch.Tensor | None, p: float, eps: float = EPS):
@@ -44,19 +37,10 @@ def reference(inputs, dy: torch.Tensor, keep: torch.Tensor | None, p: float, eps
 def run_kernel(inputs, dy: torch.Tensor, p: float = 0.0, eps: float = EPS):
     """y and the four gradients of the public function, with poisoned outputs."""
     leaves = tuple(t.detach().requires_grad_() for t in inputs)
-    ln._POISON_OUTPUTS = True
-    try:
+    with triton_utils.poisoned_outputs():
         y = ln.dropout_add_layer_norm(*leaves, eps, p)
         grads = torch.autograd.grad(y, leaves, dy)
-    finally:
-        ln._POISON_OUTPUTS = False
     return y.detach(), grads
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.detach().cpu().double()
-    assert torch.isfinite(x).all(), "NaN/inf in kernel output (unwritten element or overflow)"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def random_inputs(tokens: int, hidden: int, dtype: torch.dtype, seed: int, param_dtype: torch.dtype | None = None):
@@ -123,7 +107,7 @@ def assert_outputs_match(y, grads, inputs, dy, ref, bound):
             assert rel_err(grad, grad_ref) < bound, name
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("tokens,hidden", SHAPES)
 @pytest.mark.parametrize("dtype,param_dtype,bound", DTYPES)
 def test_forward_and_backward_match_float64_reference(tokens, hidden, dtype, param_dtype, bound):
@@ -132,21 +116,18 @@ def test_forward_and_backward_match_float64_reference(tokens, hidden, dtype, par
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, None, 0.0), bound)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("tokens,hidden", [(37, 100), (3, 768), (1, 1), (0, 8)])
 def test_forward_saves_float32_row_mean_and_rstd(tokens, hidden):
     inputs, dy = random_inputs(tokens, hidden, torch.float16, seed=2, param_dtype=torch.float32)
-    ln._POISON_OUTPUTS = True
-    try:
-        _, mean, rstd = torch.ops.mosaic_bert.dropout_add_layer_norm_fwd(*inputs, EPS, None, 0.0)
-    finally:
-        ln._POISON_OUTPUTS = False
+    with triton_utils.poisoned_outputs():
+        _, mean, rstd = ln.fwd_op(*inputs, EPS, None, 0.0)
     _, mean_ref, rstd_ref, _ = reference(inputs, dy, None, 0.0)
     assert mean.shape == rstd.shape == (tokens,) and mean.dtype == rstd.dtype == torch.float32
     assert rel_err(mean, mean_ref) < 1e-6 and rel_err(rstd, rstd_ref) < 1e-6
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_row_strided_view_inputs_match_reference():
     """x and residual may be column slices of wider tensors: only unit stride on the last dimension is needed."""
     (wide_x, wide_r, weight, bias), wide_dy = random_inputs(9, 80, torch.float32, seed=3)
@@ -158,7 +139,7 @@ def test_row_strided_view_inputs_match_reference():
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, None, 0.0), 1e-5)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_mixed_activation_dtypes_give_each_gradient_its_input_dtype():
     """A float32 residual stream (the embeddings' sum) with a float16 x: y is float16, dresidual float32."""
     (x, residual, weight, bias), dy = random_inputs(5, 48, torch.float16, seed=6, param_dtype=torch.bfloat16)
@@ -167,7 +148,7 @@ def test_mixed_activation_dtypes_give_each_gradient_its_input_dtype():
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, None, 0.0), 1e-2)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_zero_tokens_give_empty_outputs_and_zero_parameter_gradients():
     inputs, dy = random_inputs(0, 16, torch.float16, seed=0, param_dtype=torch.float32)
     y, (dx, dresidual, dweight, dbias) = run_kernel(inputs, dy)
@@ -176,7 +157,7 @@ def test_zero_tokens_give_empty_outputs_and_zero_parameter_gradients():
     assert (dweight == 0).all() and (dbias == 0).all() and dweight.shape == (16,)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_parameter_gradients_are_deterministic():
     inputs, dy = random_inputs(37, 100, torch.float32, seed=9)
     _, first = run_kernel(inputs, dy)
@@ -184,7 +165,7 @@ def test_parameter_gradients_are_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_constant_rows_normalise_to_bias_without_nan():
     """A row with zero variance gives z - mean = 0 and rstd = 1 / sqrt(eps): y = bias, finite gradients."""
     (x, residual, weight, bias), dy = random_inputs(4, 32, torch.float32, seed=5)
@@ -199,7 +180,7 @@ def test_constant_rows_normalise_to_bias_without_nan():
 # ---------------------------------------------------------------- dropout
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_forward_and_backward_share_one_mask(p):
     """Backward regenerates the forward mask: every gradient equals the reference under the mask seen in the
@@ -216,7 +197,7 @@ def test_dropout_forward_and_backward_share_one_mask(p):
     torch.testing.assert_close(dx[keep.cpu()], dresidual[keep.cpu()] / (1 - p))
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("hidden", [1, 3])
 def test_dropout_on_rows_narrower_than_one_philox_draw(hidden):
     """Rows of fewer than the four numbers one Philox call gives run with dropout: y is the bias where hidden is 1,
@@ -232,7 +213,7 @@ def test_dropout_on_rows_narrower_than_one_philox_draw(hidden):
         assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, keep, 0.5), 1e-5)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_dropout_in_half_precision_with_float32_parameters_matches_reference():
     inputs, dy = random_inputs(37, 768, torch.float16, seed=12, param_dtype=torch.float32)
     torch.manual_seed(8)
@@ -241,7 +222,7 @@ def test_dropout_in_half_precision_with_float32_parameters_matches_reference():
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, keep, 0.2), 2e-3)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_dropout_keeps_the_expected_fraction_and_is_seeded():
     p, n = 0.3, 64 * 1024
     first = dropout_mask((64, 1024), p, torch_seed=0)
@@ -255,7 +236,7 @@ def test_dropout_keeps_the_expected_fraction_and_is_seeded():
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[:, 0], first[:, 1])
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_zero_dropout_probability_leaves_x_untouched():
     inputs, dy = random_inputs(3, 100, torch.float32, seed=13)
     torch.manual_seed(0)
@@ -267,7 +248,7 @@ def test_zero_dropout_probability_leaves_x_untouched():
 # ---------------------------------------------------------------- operator registration and errors
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("with_dropout,residual_dtype", [(False, torch.float16), (True, torch.float32)])
 def test_operators_pass_opcheck(with_dropout, residual_dtype):
     (x, residual, weight, bias), dy = random_inputs(5, 24, torch.float16, seed=1, param_dtype=torch.float32)
@@ -275,13 +256,13 @@ def test_operators_pass_opcheck(with_dropout, residual_dtype):
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE) if with_dropout else None
     p = 0.25 if with_dropout else 0.0
     args = (x, residual, weight, bias, EPS, seed, p)
-    torch.library.opcheck(torch.ops.mosaic_bert.dropout_add_layer_norm_fwd.default, args)
-    _, mean, rstd = torch.ops.mosaic_bert.dropout_add_layer_norm_fwd(*args)
-    torch.library.opcheck(torch.ops.mosaic_bert.dropout_add_layer_norm_bwd.default,
+    torch.library.opcheck(ln.fwd_op.default, args)
+    _, mean, rstd = ln.fwd_op(*args)
+    torch.library.opcheck(ln.bwd_op.default,
                           (dy, x, residual, weight, bias, mean, rstd, seed, p))
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_torch_compile_fullgraph_traces_the_ops(p):
     """Fake implementations and autograd let dynamo and AOTAutograd trace forward and backward in one graph (the
@@ -305,11 +286,19 @@ def valid_inputs(tokens=3, hidden=8):
             torch.ones(hidden, device=DEVICE), torch.zeros(hidden, device=DEVICE))
 
 
+@pytest.mark.interpreter
 def test_unsupported_reason_accepts_valid_inputs():
-    expected_ok = INTERPRET or HAS_CUDA
-    assert (ln.unsupported_reason(*valid_inputs()) is None) == expected_ok
+    assert ln.unsupported_reason(*valid_inputs()) is None
     x, residual, weight, bias = valid_inputs(hidden=ln.MAX_HIDDEN)
-    assert (ln.unsupported_reason(x.half(), residual.bfloat16(), weight.double(), bias.half()) is None) == expected_ok
+    assert ln.unsupported_reason(x.half(), residual.bfloat16(), weight.double(), bias.half()) is None
+
+
+def test_tensors_on_a_device_the_kernels_cannot_reach_are_refused():
+    inputs = [t.to("meta") for t in valid_inputs()]
+    reason = ln.unsupported_reason(*inputs)
+    assert reason is not None and ("CUDA" in reason or "CPU tensors" in reason), reason
+    with pytest.raises(ValueError, match="is on meta"):
+        ln.dropout_add_layer_norm(*inputs, EPS)
 
 
 def _replace(index, make):
@@ -320,6 +309,7 @@ def _replace(index, make):
     return build
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("build,fragment", [
     (_replace(0, lambda d: torch.zeros(3, 8, dtype=torch.int64, device=d)), "x dtype"),
     (_replace(1, lambda d: torch.zeros(3, 8, dtype=torch.float64, device=d)), "residual dtype"),
@@ -342,28 +332,26 @@ def _replace(index, make):
 def test_unsupported_reason_explains_bad_inputs(build, fragment):
     inputs = build(DEVICE)
     reason = ln.unsupported_reason(*inputs)
-    assert reason is not None
-    if INTERPRET or HAS_CUDA or fragment == "torch.Tensor":
-        assert fragment in reason, reason
+    assert reason is not None and fragment in reason, reason
     with pytest.raises(ValueError):
         ln.dropout_add_layer_norm(*inputs, EPS)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_inputs_on_different_devices_are_refused():
     x, residual, weight, bias = valid_inputs()
     reason = ln.unsupported_reason(x, residual, weight.to("meta"), bias)
     assert reason is not None and "device" in reason, reason
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
 def test_dropout_probability_out_of_range_raises_value_error(p):
     with pytest.raises(ValueError, match="dropout_p"):
         ln.dropout_add_layer_norm(*valid_inputs(), EPS, p)
 
 
-@needs_kernel
+@pytest.mark.interpreter
 @pytest.mark.parametrize("eps", [-1e-5, float("nan")])
 def test_negative_or_nan_eps_raises_value_error(eps):
     with pytest.raises(ValueError, match="eps"):
@@ -373,7 +361,7 @@ def test_negative_or_nan_eps_raises_value_error(eps):
 # ---------------------------------------------------------------- GPU
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gpu_bf16_model_sized_inputs_match_float64_reference(p):
     inputs, dy = random_inputs(4096, 768, torch.bfloat16, seed=21, param_dtype=torch.float32)
@@ -385,7 +373,7 @@ def test_gpu_bf16_model_sized_inputs_match_float64_reference(p):
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, keep, p), 1e-2)
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [1000, ln.MAX_HIDDEN])
 def test_gpu_wide_rows_match_float64_reference(hidden):
     inputs, dy = random_inputs(300, hidden, torch.float16, seed=22, param_dtype=torch.float32)
@@ -393,7 +381,7 @@ def test_gpu_wide_rows_match_float64_reference(hidden):
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, None, 0.0), 2e-3)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph_matches_eager():
     inputs, dy = random_inputs(257, 768, torch.bfloat16, seed=8, param_dtype=torch.float32)
     compiled = torch.compile(lambda *t: ln.dropout_add_layer_norm(*t, EPS) * 2.0, fullgraph=True)
@@ -409,7 +397,7 @@ def test_gpu_torch_compile_fullgraph_matches_eager():
 # ---------------------------------------------------------------- in the model
 
 
-@needs_kernel
+@pytest.mark.interpreter
 def test_whole_model_on_the_kernels_matches_the_pytorch_path():
     """A tiny MosaicBertForMaskedLM with attention_backend='triton' (attention, GeGLU, residual LayerNorm and
     cross-entropy kernels, fp32 here) gives the logits, loss and gradients of the same model on 'torch', with ragged
