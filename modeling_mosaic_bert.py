@@ -2,12 +2,23 @@
 
 Tokens are unpadded once, when they enter `MosaicBertModel`: every matmul, LayerNorm and the attention itself see only
 the real tokens of the batch, concatenated as (total_tokens, hidden). Attention runs sequence by sequence through
-`cu_seqlens`, either in the fused Triton kernel of `flash_attn_triton.py` (CUDA, fp16/bf16) or in PyTorch's
-scaled_dot_product_attention. Outputs are padded back to (batch, seqlen, ...) only when they leave the model.
-Two more Triton kernels fuse the rest of a block's elementwise work on the same devices: the GeGLU activation with its
-dropout (`geglu_triton.py`) and dropout + residual + LayerNorm (`layernorm_triton.py`); a fourth computes the masked-LM
-loss from the half-precision logits (`cross_entropy_triton.py`). `kernel_policy_reason` decides, for all four, from
-`config.attention_backend`.
+`cu_seqlens`, either in the fused Triton kernel of `flash_attn_triton.py` (CUDA, fp16/bf16) or in PyTorch.
+Outputs are padded back to (batch, seqlen, ...) only when they leave the model. Two more Triton kernels fuse the rest
+of a block's elementwise work on the same devices: the GeGLU activation with its dropout (`geglu_triton.py`) and
+dropout + residual + LayerNorm (`layernorm_triton.py`); a fourth computes the masked-LM loss from the half-precision
+logits (`cross_entropy_triton.py`). transformers' own switch, `config._attn_implementation` (set with
+`attn_implementation=` in from_pretrained or `model.set_attn_implementation`), decides for all four
+(`kernel_policy_reason`).
+
+A forward reads the device once, at entry: one host synchronisation returns every value check of the inputs and the
+labels together with the sequence lengths that unpadding needs (`read_batch`). Three situations change the route:
+- torch.export / torch.onnx.export (`torch.compiler.is_exporting()`): no value checks and no unpadding. The layers run
+  on every position of the padded batch, attention is scaled_dot_product_attention with the ALiBi bias of each
+  sequence's real-token positions and a key-padding mask (`padded_attention`), and outputs are zeroed at padding.
+- torch.compile (`torch.compiler.is_compiling()`): the checks and the unpadding run as one custom operator,
+  `mosaic_bert::check_and_unpad`, whose sizes are unknown to the compiler (no guard on lengths, no recompile per
+  batch, no graph break); attention is the Triton kernel where it runs, else `padded_attention`.
+- torch.jit.trace is refused: a trace would freeze one batch's unpadding.
 """
 
 import math
@@ -32,38 +43,55 @@ from transformers.modeling_outputs import (
 from transformers.utils.generic import can_return_tuple
 
 try:  # loaded as Hub remote code, inside a package
-    from .bert_padding import index_first_axis, pad_input, true_positions, unpad_input
+    from .bert_padding import index_first_axis, pad_input, true_positions
     from .configuration_mosaic_bert import MosaicBertConfig
 except ImportError:  # loaded from a folder on sys.path (tests, scripts)
-    from bert_padding import index_first_axis, pad_input, true_positions, unpad_input
+    from bert_padding import index_first_axis, pad_input, true_positions
     from configuration_mosaic_bert import MosaicBertConfig
 
 try:  # the Triton kernels are optional: without Triton, the model runs on PyTorch
-    from .cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
+    from .cross_entropy_triton import cross_entropy
+    from .cross_entropy_triton import unsupported_reason as cross_entropy_unsupported_reason
     from .flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
-    from .geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
-    from .layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
+    from .geglu_triton import geglu
+    from .geglu_triton import unsupported_reason as geglu_unsupported_reason
+    from .layernorm_triton import dropout_add_layer_norm
+    from .layernorm_triton import unsupported_reason as layer_norm_unsupported_reason
 except ImportError:
     try:
-        from cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
+        from cross_entropy_triton import cross_entropy
+        from cross_entropy_triton import unsupported_reason as cross_entropy_unsupported_reason
         from flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
-        from geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
-        from layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
+        from geglu_triton import geglu
+        from geglu_triton import unsupported_reason as geglu_unsupported_reason
+        from layernorm_triton import dropout_add_layer_norm
+        from layernorm_triton import unsupported_reason as layer_norm_unsupported_reason
     except ImportError:
         flash_attn_varlen_qkvpacked_func = unsupported_reason = geglu = geglu_unsupported_reason = None
         dropout_add_layer_norm = layer_norm_unsupported_reason = cross_entropy = None
         cross_entropy_unsupported_reason = None
 
 
-def kernel_policy_reason(backend: str, tensor: torch.Tensor) -> str | None:
-    """The choice every fused Triton kernel shares: why `config.attention_backend` keeps this tensor off the kernels,
-    or None. "torch" never takes them, "auto" only for float16/bfloat16 CUDA tensors, "triton" whenever they can run."""
-    if backend == "torch":
-        return "attention_backend is 'torch'"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def attn_implementation_of(config) -> str:
+    """config._attn_implementation, "sdpa" when unset (a config not yet seen by a model)."""
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def kernel_policy_reason(attn_implementation: str, tensor: torch.Tensor) -> str | None:
+    """The choice every fused Triton kernel shares: why `attn_implementation` keeps this tensor off the kernels, or
+    None. "eager" never takes them, "sdpa" only for float16/bfloat16 CUDA tensors, "flash_attention_2" whenever they
+    can run. Nothing is exported through them (they are Triton programs, not ONNX or ATen operators)."""
+    if attn_implementation == "eager":
+        return "attn_implementation is 'eager'"
+    if torch.compiler.is_exporting():
+        return "the model is being exported, and the Triton kernels have no exported form"
     if flash_attn_varlen_qkvpacked_func is None:
         return "Triton is not installed"
-    if backend == "auto" and not (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
-        return "'auto' uses the kernels for float16/bfloat16 CUDA tensors only"
+    if attn_implementation == "sdpa" and not (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
+        return "'sdpa' uses the kernels for float16/bfloat16 CUDA tensors only"
     return None
 
 
@@ -87,14 +115,14 @@ class MosaicBertResidualLayerNorm(MosaicBertLayerNorm):
     `kernel_policy_reason` allows (the sum and the dropout mask are never stored), else as dropout, add and
     MosaicBertLayerNorm. Parameters and state-dict keys are those of nn.LayerNorm."""
 
-    def __init__(self, hidden_size: int, eps: float, dropout_prob: float, backend: str):
-        super().__init__(hidden_size, eps=eps)
+    def __init__(self, config: MosaicBertConfig, dropout_prob: float):
+        super().__init__(config.hidden_size, eps=config.layer_norm_eps)
+        self.config = config
         self.dropout_prob = dropout_prob
-        self.backend = backend
 
     def kernel_unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor) -> str | None:
         """Why the fused kernel cannot run on these (total_tokens, hidden) inputs, or None."""
-        return kernel_policy_reason(self.backend, x) or layer_norm_unsupported_reason(
+        return kernel_policy_reason(attn_implementation_of(self.config), x) or layer_norm_unsupported_reason(
             x, residual, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -133,23 +161,22 @@ class MosaicBertGatedMLP(nn.Module):
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
+        self.config = config
         self.intermediate_size = config.intermediate_size
-        self.backend = config.attention_backend
         # One matmul computes gate (first half of the outputs) and value (second half).
         self.gated_layers = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.act = ACT2FN[config.hidden_act]
         self.fusable_act = config.hidden_act == "gelu"
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.layernorm = MosaicBertResidualLayerNorm(
-            config.hidden_size, config.layer_norm_eps, dropout_prob=0.0, backend=config.attention_backend
-        )
+        self.layernorm = MosaicBertResidualLayerNorm(config, dropout_prob=0.0)
 
     def kernel_unsupported_reason(self, projected: torch.Tensor) -> str | None:
         """Why the fused GeGLU kernel cannot run on the (total_tokens, 2 * intermediate) projection, or None."""
         if not self.fusable_act:
             return "the fused kernel computes the exact 'gelu' activation only"
-        return kernel_policy_reason(self.backend, projected) or geglu_unsupported_reason(projected)
+        implementation = attn_implementation_of(self.config)
+        return kernel_policy_reason(implementation, projected) or geglu_unsupported_reason(projected)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(total_tokens, hidden) -> (total_tokens, hidden)."""
@@ -172,6 +199,62 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(upcast_dtype(logits.dtype))
 
 
+@dataclass
+class TokenLayout:
+    """Where the rows of the (tokens, hidden) tensors that the layers work on sit in the padded (batch, seqlen) batch.
+
+    mask: (batch, seqlen) bool, True on real tokens.
+    Unpadded (the default): the rows are the real tokens, sequence after sequence. indices: (tokens,) int64 flat
+    position of each row in (batch * seqlen); cu_seqlens: (batch + 1,) int32 sequence boundaries; max_seqlen: at
+    least the longest sequence; lengths: the sequence lengths on the host (None under torch.compile, which does not
+    read them).
+    Padded (while exporting): the rows are every position of the batch, tokens = batch * seqlen; indices is None.
+    """
+
+    mask: torch.Tensor
+    indices: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    lengths: list[int] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.mask.shape[1]
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
+        if self.indices is None:
+            padded = rows.view(self.batch_size, self.seqlen, *rows.shape[1:])
+            return padded * self.mask.view(*self.mask.shape, *([1] * (rows.dim() - 1))).to(rows.dtype)
+        return pad_input(rows, self.indices, self.batch_size, self.seqlen)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(batch, seqlen, ...) -> (tokens, ...)."""
+        if self.indices is None:
+            return padded.flatten(0, 1)
+        return index_first_axis(padded, self.indices)
+
+    def positions(self) -> torch.Tensor:
+        """(batch, seqlen) int64 ALiBi position of each real token: how many real tokens precede it in its row."""
+        return torch.cumsum(self.mask.to(torch.int64), dim=-1) - 1
+
+    def first_token_states(self, rows: torch.Tensor) -> torch.Tensor:
+        """(tokens, hidden) -> (batch, hidden): each sequence's first real token; zeros for a row with no real token.
+        Reads no value on the host (the row of a sequence with no token points at an appended zero row)."""
+        has_tokens = self.mask.any(dim=-1)
+        if self.indices is None:
+            first = torch.argmax(self.mask.to(torch.int32), dim=-1)  # the first real position (0 in an empty row)
+            rows_of_first = torch.arange(self.batch_size, device=rows.device) * self.seqlen + first
+            return rows.index_select(0, rows_of_first) * has_tokens[:, None].to(rows.dtype)
+        with_zero_row = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+        rows_of_first = torch.where(has_tokens, self.cu_seqlens[:-1].to(torch.int64), rows.shape[0])
+        return with_zero_row.index_select(0, rows_of_first)
+
+
 def alibi_slopes(num_heads: int, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
     """ALiBi slopes m_h, (num_heads,): head h adds -m_h * |i - j| to its scores. float32, or float64 for a float64
     model. Built on `device` directly (no host-to-device copy on the forward path).
@@ -192,106 +275,154 @@ def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.T
     return (-slopes[:, None, None] * distance).to(dtype)
 
 
+def scaled_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, dropout_p: float, explicit: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T / sqrt(d) + bias) v on (..., heads, L, head_dim) tensors with a bias broadcast to
+    (..., heads, L, L). `explicit` computes the probabilities in PyTorch ops and returns them (the "eager"
+    implementation, and what output_attentions needs); otherwise scaled_dot_product_attention runs and returns None
+    for them."""
+    if not explicit:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p), None
+    probs = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1]) + bias).softmax(dim=-1)
+    return F.dropout(probs, p=dropout_p) @ value, probs
+
+
 def torch_varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    lengths: list[int],
     slopes: torch.Tensor,
     dropout_p: float,
-    output_attentions: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Attention within each sequence of an unpadded batch, on PyTorch.
+    explicit: bool,
+) -> torch.Tensor:
+    """Attention within each sequence of an unpadded batch, on PyTorch, with the lengths known on the host.
 
-    Sequences of equal length are batched into one scaled_dot_product_attention call with the (1, heads, L, L) ALiBi
-    bias of that length (a slice of one bias built for the longest sequence), so no (batch, heads, max_len, max_len)
-    tensor is built and padding costs nothing. A length held by one sequence only attends on views of its rows.
+    Sequences of equal length are batched into one attention call with the (1, heads, L, L) ALiBi bias of that length
+    (a slice of one bias built for the longest sequence), so no (batch, heads, max_len, max_len) tensor is built and
+    padding costs nothing. A length held by one sequence only attends on views of its rows.
 
     Args:
         query, key, value: (total_tokens, heads, head_dim).
-        cu_seqlens: (batch + 1,) int32 sequence boundaries.
+        lengths: the batch's sequence lengths, in order (they sum to total_tokens).
         slopes: (heads,) ALiBi slopes.
         dropout_p: dropout on the attention probabilities.
-        output_attentions: also return each sequence's probabilities.
+        explicit: softmax in PyTorch ops ("eager") instead of scaled_dot_product_attention ("sdpa").
 
     Returns:
-        (total_tokens, heads, head_dim) context, and with output_attentions a list of (heads, L_b, L_b) tensors in
-        batch order (else None).
+        (total_tokens, heads, head_dim) context.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    starts = cu_seqlens[:-1].tolist()
     if max(lengths) == 0:
-        return query.new_zeros(query.shape), [None] * len(lengths) if output_attentions else None
+        return query.new_zeros(query.shape)
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
     full_bias = alibi_bias(slopes, max(lengths), query.dtype)[None]  # (1, heads, max_len, max_len)
     outputs = [None] * len(lengths)  # per sequence, (length, heads, head_dim)
-    probabilities = [None] * len(lengths) if output_attentions else None
     for length in sorted(set(lengths) - {0}):
         seq_ids = [b for b, seq_len in enumerate(lengths) if seq_len == length]
-
-        def rows_of_this_length(t: torch.Tensor) -> torch.Tensor:
-            """(total_tokens, heads, head_dim) -> (n, heads, length, head_dim), a view where the rows allow."""
-            if len(seq_ids) == len(lengths):
-                return t.view(len(seq_ids), length, *t.shape[1:]).transpose(1, 2)
-            return torch.stack([t[starts[b] : starts[b] + length] for b in seq_ids]).transpose(1, 2)
-
-        q, k, v = rows_of_this_length(query), rows_of_this_length(key), rows_of_this_length(value)
-        bias = full_bias[..., :length, :length]
-        if output_attentions:
-            probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias).softmax(dim=-1)
-            out = F.dropout(probs, p=dropout_p) @ v
-            for i, b in enumerate(seq_ids):
-                probabilities[b] = probs[i]
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        q, k, v = (_sequences_of_one_length(t, starts, seq_ids, length, len(lengths)) for t in (query, key, value))
+        out, _ = scaled_attention(q, k, v, full_bias[..., :length, :length], dropout_p, explicit)
         for i, b in enumerate(seq_ids):
             outputs[b] = out[i].transpose(0, 1)
     if len(set(lengths)) == 1:  # one length: the sequences' rows are already in order
-        return out.transpose(1, 2).flatten(0, 1), probabilities
-    return torch.cat([o for o in outputs if o is not None]), probabilities
+        return out.transpose(1, 2).flatten(0, 1)
+    return torch.cat([o for o in outputs if o is not None])
+
+
+def _sequences_of_one_length(t: torch.Tensor, starts: list[int], seq_ids: list[int], length: int, batch: int):
+    """(total_tokens, heads, head_dim) -> (len(seq_ids), heads, length, head_dim): the rows of sequences `seq_ids`,
+    all of `length` tokens; a view when they are the whole batch."""
+    if len(seq_ids) == batch:
+        return t.view(len(seq_ids), length, *t.shape[1:]).transpose(1, 2)
+    return torch.stack([t[starts[b] : starts[b] + length] for b in seq_ids]).transpose(1, 2)
+
+
+def padded_attention(
+    qkv: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    slopes: torch.Tensor,
+    dropout_p: float,
+    explicit: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention on the padded batch, with no value read on the host: what export, torch.compile (off the kernel)
+    and output_attentions use.
+
+    The bias of head h between positions i and j of a row is -m_h * |p_i - p_j|, p counting real tokens only (so
+    padding may sit anywhere in a row), and -inf on padded keys. A row with no real token attends to every position
+    instead (finite numbers that the caller zeroes), so no softmax sees only -inf.
+
+    Args:
+        qkv: (batch, seqlen, 3, heads, head_dim) queries, keys and values.
+        mask: (batch, seqlen) bool, True on real tokens.
+        positions: (batch, seqlen) int64 real-token positions (`TokenLayout.positions`).
+        slopes: (heads,) ALiBi slopes.
+        dropout_p, explicit: as in `scaled_attention`.
+
+    Returns:
+        (batch, seqlen, heads, head_dim) context, and with `explicit` the (batch, heads, seqlen, seqlen)
+        probabilities with zeros on padded rows and columns (else None).
+    """
+    query, key, value = qkv.transpose(1, 3).unbind(dim=2)  # each (batch, heads, seqlen, head_dim)
+    distance = (positions[:, :, None] - positions[:, None, :]).abs().to(slopes.dtype)  # (batch, seqlen, seqlen)
+    bias = -slopes[None, :, None, None] * distance[:, None]  # (batch, heads, seqlen, seqlen)
+    keys = mask | ~mask.any(dim=-1, keepdim=True)
+    bias = bias.masked_fill(~keys[:, None, None, :], float("-inf")).to(query.dtype)
+    context, probs = scaled_attention(query, key, value, bias, dropout_p, explicit)
+    if probs is not None:
+        probs = probs * mask[:, None, :, None].to(probs.dtype)
+    return context.transpose(1, 2), probs
 
 
 class MosaicBertSelfAttention(nn.Module):
-    """Multi-head self-attention with ALiBi over an unpadded batch. Owns the fused QKV projection and picks the
-    attention implementation (Triton kernel or PyTorch) for each call."""
+    """Multi-head self-attention with ALiBi. Owns the fused QKV projection and picks, for each call, the Triton kernel
+    (unpadded rows), `torch_varlen_attention` (unpadded rows, lengths on the host: eager PyTorch) or
+    `padded_attention` (export, torch.compile off the kernel, output_attentions)."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.backend = config.attention_backend
         self.dropout_p = config.attention_probs_dropout_prob
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
 
-    def kernel_unsupported_reason(self, query, key, value, cu_seqlens, slopes, output_attentions) -> str | None:
+    def kernel_unsupported_reason(self, qkv, layout: TokenLayout, slopes, output_attentions) -> str | None:
         """Why the Triton kernel cannot run this call, or None when it can."""
         if output_attentions:
             return "the fused kernel does not return attention probabilities (output_attentions=True)"
         if self.training and self.dropout_p > 0:
             return "attention dropout is active"
-        return kernel_policy_reason(self.backend, query) or unsupported_reason(query, key, value, cu_seqlens, slopes)
+        if layout.indices is None:
+            return "the batch is padded (export)"
+        return kernel_policy_reason(attn_implementation_of(self.config), qkv) or unsupported_reason(
+            *qkv.unbind(dim=1), layout.cu_seqlens, slopes
+        )
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        slopes: torch.Tensor,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """(total_tokens, hidden) -> (total_tokens, hidden) context, and per-sequence probabilities when asked."""
+        self, hidden_states: torch.Tensor, layout: TokenLayout, slopes: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, hidden) -> (tokens, hidden) context, and with output_attentions the
+        (batch, heads, seqlen, seqlen) probabilities that the context was computed from."""
         qkv = self.Wqkv(hidden_states).view(-1, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.unbind(dim=1)  # each (total_tokens, heads, head_dim)
-        reason = self.kernel_unsupported_reason(query, key, value, cu_seqlens, slopes, output_attentions)
+        implementation = attn_implementation_of(self.config)
+        reason = self.kernel_unsupported_reason(qkv, layout, slopes, output_attentions)
+        dropout_p = self.dropout_p if self.training else 0.0
+        explicit = output_attentions or implementation == "eager"
+        probabilities = None
         if reason is None:
-            context = flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=slopes)
-            probabilities = None
-        elif self.backend == "triton":
-            raise ValueError(f"attention_backend='triton' cannot run this call: {reason}")
-        else:
-            dropout_p = self.dropout_p if self.training else 0.0
-            context, probabilities = torch_varlen_attention(
-                query, key, value, cu_seqlens, slopes, dropout_p, output_attentions
+            context = flash_attn_varlen_qkvpacked_func(qkv, layout.cu_seqlens, layout.max_seqlen, alibi_slopes=slopes)
+        elif implementation == "flash_attention_2":
+            raise ValueError(f"attn_implementation='flash_attention_2' (the Triton kernel) cannot run here: {reason}")
+        elif layout.lengths is None or output_attentions:
+            context, probabilities = padded_attention(
+                layout.pad(qkv), layout.mask, layout.positions(), slopes, dropout_p, explicit
             )
+            context = layout.unpad(context)
+        else:
+            context = torch_varlen_attention(*qkv.unbind(dim=1), layout.lengths, slopes, dropout_p, explicit)
         return context.reshape(hidden_states.shape), probabilities
 
 
@@ -301,12 +432,10 @@ class MosaicBertSelfOutput(nn.Module):
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = MosaicBertResidualLayerNorm(
-            config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob, config.attention_backend
-        )
+        self.LayerNorm = MosaicBertResidualLayerNorm(config, config.hidden_dropout_prob)
 
     def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """(total_tokens, hidden) twice -> (total_tokens, hidden)."""
+        """(tokens, hidden) twice -> (tokens, hidden)."""
         return self.LayerNorm(self.dense(context), residual)
 
 
@@ -318,8 +447,8 @@ class MosaicBertAttention(nn.Module):
         self.self = MosaicBertSelfAttention(config)
         self.output = MosaicBertSelfOutput(config)
 
-    def forward(self, hidden_states, cu_seqlens, max_seqlen, slopes, output_attentions=False):
-        context, probabilities = self.self(hidden_states, cu_seqlens, max_seqlen, slopes, output_attentions)
+    def forward(self, hidden_states, layout, slopes, output_attentions=False):
+        context, probabilities = self.self(hidden_states, layout, slopes, output_attentions)
         return self.output(context, hidden_states), probabilities
 
 
@@ -334,18 +463,17 @@ class MosaicBertLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        layout: TokenLayout,
         slopes: torch.Tensor,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """(total_tokens, hidden) -> (total_tokens, hidden), and per-sequence attention probabilities when asked."""
-        hidden_states, probabilities = self.attention(hidden_states, cu_seqlens, max_seqlen, slopes, output_attentions)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, hidden) -> (tokens, hidden), and the attention probabilities when asked."""
+        hidden_states, probabilities = self.attention(hidden_states, layout, slopes, output_attentions)
         return self.mlp(hidden_states), probabilities
 
 
 class MosaicBertEncoder(nn.Module):
-    """The stack of layers over one unpadded batch."""
+    """The stack of layers over one batch."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
@@ -355,31 +483,43 @@ class MosaicBertEncoder(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        layout: TokenLayout,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[list[torch.Tensor]] | None]:
-        """(total_tokens, hidden) -> (total_tokens, hidden); with the flags, also the input and every layer's
-        output (each (total_tokens, hidden)) and every layer's per-sequence attention probabilities."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """(tokens, hidden) -> (tokens, hidden); with the flags, also the padded input and every layer's padded
+        output (each (batch, seqlen, hidden)) and every layer's (batch, heads, seqlen, seqlen) probabilities.
+
+        The returned tensors are on the path of the computation: a layer's input is unpadded from the padded tensor
+        returned for the previous one, so gradients reach them (retain_grad, torch.autograd.grad)."""
         # Computed here, so nothing about ALiBi lives in the state dict or on the meta device.
         slopes = alibi_slopes(self.num_heads, hidden_states.device, upcast_dtype(hidden_states.dtype))
-        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_hidden_states = [] if output_hidden_states else None
         all_probabilities = [] if output_attentions else None
+
+        def keep(states: torch.Tensor) -> torch.Tensor:
+            padded = layout.pad(states)
+            all_hidden_states.append(padded)
+            return layout.unpad(padded)
+
+        if output_hidden_states:
+            hidden_states = keep(hidden_states)
         for layer in self.layer:
-            hidden_states, probabilities = layer(
-                hidden_states, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, slopes=slopes,
-                output_attentions=output_attentions,
-            )
+            hidden_states, probabilities = layer(hidden_states, layout, slopes, output_attentions=output_attentions)
             if output_hidden_states:
-                all_hidden_states.append(hidden_states)
+                hidden_states = keep(hidden_states)
             if output_attentions:
                 all_probabilities.append(probabilities)
-        return hidden_states, all_hidden_states, all_probabilities
+        return (
+            hidden_states,
+            tuple(all_hidden_states) if output_hidden_states else None,
+            tuple(all_probabilities) if output_attentions else None,
+        )
 
 
 class MosaicBertPooler(nn.Module):
-    """dense + tanh on the first real token of each sequence."""
+    """dense + tanh on the first real token of each sequence. Its weights start as the identity (zero bias), so a
+    checkpoint without pooler weights (MosaicBERT is pretrained without one) always loads the same pooler."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
@@ -425,56 +565,49 @@ class MosaicBertOnlyMLMHead(nn.Module):
 
 
 @dataclass
-class UnpaddedEncoding:
-    """The encoder's result in the unpadded layout, with what is needed to pad it back.
+class Encoding:
+    """The encoder's result in the layout the layers used, with what is needed to pad it back.
 
-    hidden_states: (total_tokens, hidden) last layer. all_hidden_states: embeddings and every layer, each
-    (total_tokens, hidden), when asked. attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
-    indices: (total_tokens,) flat positions in (batch * seqlen); cu_seqlens: (batch + 1,) int32.
+    hidden_states: (tokens, hidden) last layer. layout: where those rows sit in the padded batch.
+    all_hidden_states: embeddings and every layer, each (batch, seqlen, hidden), when asked.
+    attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
+    labels: (tokens,) the token labels of the rows, when token labels were given.
+    labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order (None while exporting,
+    where no count can be read).
     """
 
     hidden_states: torch.Tensor
-    indices: torch.Tensor
-    cu_seqlens: torch.Tensor
-    batch_size: int
-    seqlen: int
+    layout: TokenLayout
     all_hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    labels: torch.Tensor | None = None
+    labelled: torch.Tensor | None = None
 
-    def pad(self, unpadded: torch.Tensor) -> torch.Tensor:
-        """(total_tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
-        return pad_input(unpadded, self.indices, self.batch_size, self.seqlen)
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """(batch, seqlen, ...) -> (total_tokens, ...)."""
-        return index_first_axis(padded, self.indices)
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
+        return self.layout.pad(rows)
 
     def first_token_states(self) -> torch.Tensor:
         """(batch, hidden): each sequence's first real token; zeros for a sequence with no real token."""
-        total_tokens = self.hidden_states.shape[0]
-        if total_tokens == 0:
-            return self.hidden_states.new_zeros(self.batch_size, self.hidden_states.shape[1])
-        rows = self.cu_seqlens[:-1].clamp(max=total_tokens - 1).long()
-        has_tokens = (self.cu_seqlens[1:] > self.cu_seqlens[:-1]).unsqueeze(-1)
-        return self.hidden_states[rows] * has_tokens.to(self.hidden_states.dtype)
+        return self.layout.first_token_states(self.hidden_states)
 
-    def padded_hidden_states(self) -> tuple[torch.Tensor, ...] | None:
-        if self.all_hidden_states is None:
-            return None
-        return tuple(self.pad(states) for states in self.all_hidden_states)
+    def last_hidden_state(self) -> torch.Tensor:
+        """(batch, seqlen, hidden), the same tensor as the last of all_hidden_states when those were asked for."""
+        if self.all_hidden_states is not None:
+            return self.all_hidden_states[-1]
+        return self.pad(self.hidden_states)
 
 
 # Index dtypes nn.Embedding accepts.
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embeds) -> tuple[int, int] | None:
-    """Raises ValueError for inputs the model cannot take, before anything indexes with them.
+def check_shapes(config, input_ids, attention_mask, token_type_ids, inputs_embeds) -> tuple[int, int]:
+    """Raises ValueError for inputs of a shape or dtype the model cannot take; reads no value. Returns
+    (batch, seqlen).
 
-    input_ids (batch, seqlen) integer ids in [0, vocab_size), or inputs_embeds (batch, seqlen, hidden);
-    attention_mask (batch, seqlen) of 0/1; token_type_ids (batch, seqlen) in [0, type_vocab_size).
-    Returns (total real tokens, longest sequence) of a valid attention_mask, read in the same host synchronisation as
-    the value checks (None without a mask), so that unpadding needs no other.
+    input_ids (batch, seqlen) integer ids, or inputs_embeds (batch, seqlen, hidden) floats; attention_mask
+    (batch, seqlen) of any real dtype; token_type_ids (batch, seqlen) integer ids.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -501,68 +634,121 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
         raise ValueError(f"token_type_ids must be integer ids (int64 or int32), got dtype {token_type_ids.dtype}")
     if attention_mask is not None and attention_mask.dtype.is_complex:
         raise ValueError(f"attention_mask must hold 0/1 (bool, integer or float), got dtype {attention_mask.dtype}")
-    # One host sync for every value check.
-    checks = {}
-    if input_ids is not None:
-        checks["input_ids_min"], checks["input_ids_max"] = input_ids.min(), input_ids.max()
-    if attention_mask is not None:
-        checks["mask_bad"] = ((attention_mask != 0) & (attention_mask != 1)).any()
-        lengths = (attention_mask != 0).sum(dim=-1)
-        checks["total_tokens"], checks["max_seqlen"] = lengths.sum(), lengths.max()
-    if token_type_ids is not None:
-        checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
-    if not checks:  # inputs_embeds without attention_mask or token_type_ids: nothing to look at
-        return None
-    values = dict(zip(checks, torch.stack([v.to(torch.int64) for v in checks.values()]).tolist()))
-    if "input_ids_min" in values and (values["input_ids_min"] < 0 or values["input_ids_max"] >= config.vocab_size):
-        bad = values["input_ids_min"] if values["input_ids_min"] < 0 else values["input_ids_max"]
-        raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {config.vocab_size})")
-    if values.get("mask_bad"):
-        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
-        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got {bad}")
-    if "types_min" in values and (values["types_min"] < 0 or values["types_max"] >= config.type_vocab_size):
-        bad = values["types_min"] if values["types_min"] < 0 else values["types_max"]
-        raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {config.type_vocab_size})")
-    return (values["total_tokens"], values["max_seqlen"]) if "total_tokens" in values else None
+    return shape
 
 
-def labels_of_real_tokens(
-    labels: torch.Tensor, encoding: UnpaddedEncoding, num_classes: int
-) -> tuple[torch.Tensor, int]:
-    """(batch, seqlen) token labels -> (total_tokens,) labels of the real tokens, and how many of them are not -100.
-
-    Raises ValueError for a label other than -100 on a padded position and for labels outside [0, num_classes) and
-    not -100; every value check shares one host synchronisation.
-    """
-    if tuple(labels.shape) != (encoding.batch_size, encoding.seqlen):
-        raise ValueError(
-            f"labels must have shape {(encoding.batch_size, encoding.seqlen)} (one per token), "
-            f"got {tuple(labels.shape)}"
-        )
-    check_label_dtype(labels)
-    real = encoding.unpad(labels)
-    labelled = real != -100
-    out_of_range = labelled & ((real < 0) | (real >= num_classes))
-    n_everywhere, n_real, n_bad = torch.stack([(labels != -100).sum(), labelled.sum(), out_of_range.sum()]).tolist()
-    if n_everywhere != n_real:
-        raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
-    if n_bad:
-        check_class_labels(real, num_classes)  # raises, naming the bad values
-    return real, n_real
-
-
-def check_label_dtype(labels: torch.Tensor) -> None:
+def check_label_shapes(labels: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    """Token labels (batch, seqlen) or class labels (batch,): int64 ids, the shape given."""
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have shape {tuple(shape)} ({what}), got {tuple(labels.shape)}")
     if labels.dtype != torch.int64:  # what cross_entropy takes
         raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
 
 
-def check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Class labels must be integer ids in [0, num_classes) or -100 (ignored)."""
-    check_label_dtype(labels)
-    valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
-    if not bool(valid.all()):
-        bad = labels[~valid].unique()[:5].tolist()
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be -100, got values {bad}")
+def read_batch(
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+    type_vocab_size: int,
+    num_label_classes: int,
+    labels_per_token: bool,
+) -> tuple[list[int], int]:
+    """Every value check of a batch, in one host synchronisation; raises ValueError naming what is wrong.
+
+    attention_mask (batch, seqlen) must hold 0/1; input_ids lie in [0, vocab_size); token_type_ids in
+    [0, type_vocab_size). labels hold class ids in [0, num_label_classes) or -100: per token ((batch, seqlen), and
+    -100 on every padded position) or per example ((batch,)).
+    Returns the sequence lengths (a list of batch ints) and the number of token labels other than -100.
+    """
+    real = attention_mask != 0
+    lengths = real.sum(dim=-1)
+    checks = {"mask_bad": ((attention_mask != 0) & (attention_mask != 1)).sum()}
+    if input_ids is not None:
+        checks["ids_min"], checks["ids_max"] = input_ids.min(), input_ids.max()
+    if token_type_ids is not None:
+        checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
+    if labels is not None:
+        labelled = labels != -100
+        checks["labels_bad"] = (labelled & ((labels < 0) | (labels >= num_label_classes))).sum()
+        if labels_per_token:
+            checks["labelled"] = (labelled & real).sum()
+            checks["labelled_padding"] = (labelled & ~real).sum()
+    head = torch.stack([v.to(torch.int64) for v in checks.values()])
+    values = torch.cat([head, lengths.to(torch.int64)]).tolist()  # the one host synchronisation
+    values, lengths = dict(zip(checks, values[: len(checks)])), values[len(checks) :]
+    if values["mask_bad"]:
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got {bad}")
+    if "ids_min" in values and (values["ids_min"] < 0 or values["ids_max"] >= vocab_size):
+        bad = values["ids_min"] if values["ids_min"] < 0 else values["ids_max"]
+        raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {vocab_size})")
+    if "types_min" in values and (values["types_min"] < 0 or values["types_max"] >= type_vocab_size):
+        bad = values["types_min"] if values["types_min"] < 0 else values["types_max"]
+        raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {type_vocab_size})")
+    if values.get("labelled_padding"):
+        raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
+    if values.get("labels_bad"):
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_label_classes))].unique()[:5].tolist()
+        raise ValueError(f"labels must lie in [0, {num_label_classes}) or be -100, got values {bad}")
+    return lengths, values.get("labelled", 0)
+
+
+def unpad_rows(mask: torch.Tensor, labels: torch.Tensor | None, total_tokens: int, num_labelled: int):
+    """The unpadding of a checked batch whose counts are known: indices (total_tokens,) int64 flat positions of the
+    real tokens, cu_seqlens (batch + 1,) int32, and, with token labels, labelled (num_labelled,) int64 rows (among
+    the real tokens) whose label is not -100 (else an empty tensor). Gathers with known counts: no synchronisation."""
+    indices = true_positions(mask.flatten(), total_tokens)
+    cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+    if labels is None:
+        labelled = indices.new_zeros(0)
+    else:
+        labelled = true_positions(index_first_axis(labels, indices) != -100, num_labelled)
+    return indices, cu_seqlens, labelled
+
+
+def _op_registered(name: str) -> bool:
+    """Whether torch.ops.mosaic_bert.<name> exists (this file imported before under another module name)."""
+    try:
+        getattr(torch.ops.mosaic_bert, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+if not _op_registered("check_and_unpad"):
+
+    @torch.library.custom_op("mosaic_bert::check_and_unpad", mutates_args=())
+    def check_and_unpad(
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        vocab_size: int,
+        type_vocab_size: int,
+        num_label_classes: int,
+        labels_per_token: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`read_batch` then `unpad_rows` as one operator, for torch.compile: the compiler sees sizes it cannot
+        read (no guard on lengths, no recompile per batch, no graph break); at run time the checks raise as in eager.
+        Returns indices, cu_seqlens and labelled (see `unpad_rows`)."""
+        mask = attention_mask != 0
+        lengths, num_labelled = read_batch(
+            attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
+            labels_per_token,
+        )
+        return unpad_rows(mask, labels if labels_per_token else None, sum(lengths), num_labelled)
+
+    @check_and_unpad.register_fake
+    def _(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
+          labels_per_token):
+        ctx = torch.library.get_ctx()
+        device = attention_mask.device
+        indices = torch.empty(ctx.new_dynamic_size(), dtype=torch.int64, device=device)
+        cu_seqlens = torch.empty(attention_mask.shape[0] + 1, dtype=torch.int32, device=device)
+        labelled = torch.empty(ctx.new_dynamic_size(), dtype=torch.int64, device=device)
+        return indices, cu_seqlens, labelled
 
 
 def _output_flags(config, output_attentions, output_hidden_states) -> dict:
@@ -575,16 +761,44 @@ def _output_flags(config, output_attentions, output_hidden_states) -> dict:
 
 
 class MosaicBertPreTrainedModel(PreTrainedModel):
+    """Weights init and the attention switch. `attn_implementation` ("sdpa" by default, "eager",
+    "flash_attention_2"; see MosaicBertConfig) is read at every call, so `set_attn_implementation` takes effect at
+    once. "flash_attention_2" names this package's Triton FlashAttention-2 kernel: the flash_attn package is not
+    needed."""
+
     config_class = MosaicBertConfig
     config: MosaicBertConfig
     base_model_prefix = "bert"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MosaicBertLayer"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
+    ) -> str:
+        if attn_implementation is None:
+            return "sdpa"
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported by MosaicBERT: use 'sdpa' (default: the "
+                "Triton kernels on CUDA in float16/bfloat16, PyTorch's scaled_dot_product_attention elsewhere), "
+                "'eager' (PyTorch only) or 'flash_attention_2' (the Triton kernels always; no flash_attn package)"
+            )
+        return attn_implementation
 
     def _init_weights(self, module: nn.Module):
-        """BERT's init: normal(0, initializer_range) weights, zero biases and padding row, unit LayerNorms."""
+        """BERT's init: normal(0, initializer_range) weights, zero biases and padding row, unit LayerNorms; the
+        pooler starts as the identity with a zero bias (deterministic where a checkpoint has no pooler)."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        pooler = getattr(self, "pooler", None)
+        if pooler is not None and module is pooler.dense:
+            init.eye_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -619,58 +833,65 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_label_classes: int = 0,
+        labels_per_token: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> UnpaddedEncoding:
-        """Runs the encoder on the real tokens only and returns the unpadded result (what the heads build on).
+    ) -> Encoding:
+        """Checks the inputs and the head's labels, then runs the encoder on the real tokens only and returns the
+        result in the unpadded layout (what the heads build on).
 
         input_ids, attention_mask, token_type_ids: (batch, seqlen); inputs_embeds: (batch, seqlen, hidden).
+        labels: the head's class labels, checked against num_label_classes with the inputs (one host
+        synchronisation for all): (batch, seqlen) per token (-100 on padding) or (batch,) per example.
         Padding may sit anywhere in a row; ALiBi positions count real tokens only.
         """
-        lengths = check_inputs(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
+        if torch.jit.is_tracing():
+            raise ValueError(
+                "torch.jit.trace cannot record MosaicBERT: the unpadding depends on the attention mask's values, so a "
+                "trace would give wrong numbers on other inputs. Use torch.export.export or "
+                "torch.onnx.export(..., dynamo=True), which take the padded path."
+            )
+        batch_size, seqlen = check_shapes(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
+        if labels is not None:
+            shape = (batch_size, seqlen) if labels_per_token else labels.shape[:1]
+            check_label_shapes(labels, shape, "one per token" if labels_per_token else "one per example")
         padded = input_ids if input_ids is not None else inputs_embeds
-        batch_size, seqlen = padded.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seqlen, dtype=torch.int32, device=padded.device)
-            lengths = (batch_size * seqlen, seqlen)
         if token_type_ids is None:
-            token_type_ids = torch.zeros(batch_size, seqlen, dtype=torch.long, device=padded.device)
-        padded, indices, cu_seqlens, max_seqlen = unpad_input(padded, attention_mask.to(torch.int32), lengths)
-        token_type_ids = index_first_axis(token_type_ids, indices)
-        if input_ids is not None:
-            hidden_states = self.embeddings(padded, token_type_ids, None)
+            token_type_ids = torch.zeros(batch_size, seqlen, dtype=torch.int64, device=padded.device)
+        mask = attention_mask != 0
+        token_labels = labels if labels is not None and labels_per_token else None
+        if torch.compiler.is_exporting():  # no value checks, no unpadding: the layers run on every position
+            layout, labelled = TokenLayout(mask), None
         else:
-            hidden_states = self.embeddings(None, token_type_ids, padded)
-
+            args = (attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size,
+                    self.config.type_vocab_size, num_label_classes, labels_per_token)
+            if torch.compiler.is_compiling():
+                indices, cu_seqlens, labelled = torch.ops.mosaic_bert.check_and_unpad(*args)
+                layout = TokenLayout(mask, indices, cu_seqlens, max_seqlen=seqlen)
+            else:
+                lengths, num_labelled = read_batch(*args)
+                indices, cu_seqlens, labelled = unpad_rows(mask, token_labels, sum(lengths), num_labelled)
+                layout = TokenLayout(mask, indices, cu_seqlens, max_seqlen=max(lengths), lengths=lengths)
+        rows = layout.unpad(padded)
+        hidden_states = self.embeddings(
+            rows if input_ids is not None else None, layout.unpad(token_type_ids),
+            rows if input_ids is None else None,
+        )
         hidden_states, all_hidden_states, all_probabilities = self.encoder(
-            hidden_states, cu_seqlens, max_seqlen, output_attentions, output_hidden_states
+            hidden_states, layout, output_attentions, output_hidden_states
         )
-        return UnpaddedEncoding(
+        return Encoding(
             hidden_states=hidden_states,
-            indices=indices,
-            cu_seqlens=cu_seqlens,
-            batch_size=batch_size,
-            seqlen=seqlen,
-            all_hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=(
-                tuple(self._pad_attentions(p, indices, cu_seqlens, batch_size, seqlen) for p in all_probabilities)
-                if output_attentions
-                else None
-            ),
+            layout=layout,
+            all_hidden_states=all_hidden_states,
+            attentions=all_probabilities,
+            labels=None if token_labels is None else layout.unpad(token_labels),
+            labelled=None if token_labels is None else labelled,
         )
-
-    @staticmethod
-    def _pad_attentions(probabilities, indices, cu_seqlens, batch_size, seqlen) -> torch.Tensor:
-        """Per-sequence (heads, L, L) probabilities -> (batch, heads, seqlen, seqlen), zeros on padded rows/cols."""
-        heads = next(p.shape[0] for p in probabilities if p is not None)
-        reference = next(p for p in probabilities if p is not None)
-        padded = reference.new_zeros(batch_size, heads, seqlen, seqlen)
-        for b, probs in enumerate(probabilities):
-            if probs is None:
-                continue
-            positions = indices[cu_seqlens[b] : cu_seqlens[b + 1]] - b * seqlen
-            padded[b, :, positions[:, None], positions[None, :]] = probs
-        return padded
 
     @can_return_tuple
     def forward(
@@ -685,34 +906,38 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         """Returns last_hidden_state (batch, seqlen, hidden) with zeros at padded positions, pooler_output
         (batch, hidden) from each sequence's first real token (when the model has a pooler), and, when asked,
         hidden_states (embeddings and each layer, each (batch, seqlen, hidden)) and attentions (each layer's
-        (batch, heads, seqlen, seqlen) probabilities; PyTorch attention path only)."""
+        (batch, heads, seqlen, seqlen) probabilities, computed in PyTorch)."""
         encoding = self.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
         pooled = self.pooler(encoding.first_token_states()) if self.pooler is not None else None
         return BaseModelOutputWithPooling(
-            last_hidden_state=encoding.pad(encoding.hidden_states),
+            last_hidden_state=encoding.last_hidden_state(),
             pooler_output=pooled,
-            hidden_states=encoding.padded_hidden_states(),
+            hidden_states=encoding.all_hidden_states,
             attentions=encoding.attentions,
         )
 
 
-def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, attn_implementation: str) -> torch.Tensor:
     """Mean cross-entropy of the labelled tokens' (n_labelled, vocab) logits against their (n_labelled,) targets,
     in float32 (float64 stays float64). Runs on the fused kernel where `kernel_policy_reason` allows (it reads the
     half-precision logits once each way, where F.cross_entropy first copies them to float32), else on
     F.cross_entropy. A batch with nothing labelled gives a zero loss (not NaN) that still reaches every head weight."""
     if not targets.numel():
         return upcast(logits).sum()
-    if kernel_policy_reason(backend, logits) is None and cross_entropy_unsupported_reason(logits, targets) is None:
+    if (
+        kernel_policy_reason(attn_implementation, logits) is None
+        and cross_entropy_unsupported_reason(logits, targets) is None
+    ):
         return cross_entropy(logits, targets).mean()
     return F.cross_entropy(upcast(logits), targets)
 
 
 class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
-    """MosaicBERT with the masked-language-modelling head. With labels, the head runs only on labelled tokens."""
+    """MosaicBERT with the masked-language-modelling head. In training with labels, the head runs only on the
+    labelled tokens."""
 
     _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 
@@ -720,7 +945,6 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.bert = MosaicBertModel(config, add_pooling_layer=False)
         self.cls = MosaicBertOnlyMLMHead(config)
-        self.backend = config.attention_backend  # for the loss kernel
         self.post_init()
 
     def get_output_embeddings(self):
@@ -739,30 +963,52 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        compact_logits: bool | None = None,
     ) -> MaskedLMOutput:
         """labels: (batch, seqlen) target ids, -100 where no prediction is wanted (and on every padded position).
-
-        Returns logits of shape (batch, seqlen, vocab) without labels. With labels, the MLM transform and decoder
-        run only on the labelled tokens, and logits has shape (num_labelled, vocab): one row per label other than
-        -100, in (batch, position) order, so `logits.argmax(-1)` compares with `labels[labels != -100]`.
         loss: mean cross-entropy over the labelled tokens.
+
+        logits: (batch, seqlen, vocab), zeros at padded positions, as in transformers' BERT; except in training with
+        labels (or with compact_logits=True), where the MLM transform and decoder run on the labelled tokens only and
+        logits is (num_labelled, vocab): one row per label other than -100, in (batch, position) order, so that
+        `logits.argmax(-1)` compares with `labels[labels != -100]`. compact_logits=False asks for the full shape in
+        training too.
         """
+        compact = self.training and labels is not None if compact_logits is None else compact_logits
+        if compact and labels is None:
+            raise ValueError("compact_logits=True keeps the rows of labelled tokens: it needs labels")
         encoding = self.bert.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
+            labels=labels, num_label_classes=self.config.vocab_size, labels_per_token=True,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
+        implementation = attn_implementation_of(self.config)
         loss = None
         if labels is None:
             logits = encoding.pad(self.cls(encoding.hidden_states))
+        elif encoding.labelled is None:  # exporting: no count to gather with, the loss ignores -100 instead
+            if compact:
+                raise ValueError("compact_logits needs the labelled count, which an exported graph cannot read")
+            logits = self.cls(encoding.hidden_states)
+            loss = F.cross_entropy(upcast(logits), encoding.labels)
+            logits = encoding.pad(logits)
         else:
-            labels, n_labelled = labels_of_real_tokens(labels, encoding, self.config.vocab_size)
-            labelled = true_positions(labels != -100, n_labelled)
-            targets = labels[labelled]
-            logits = self.cls(encoding.hidden_states[labelled])
-            loss = masked_lm_loss(logits, targets, self.backend)
+            targets = encoding.labels.index_select(0, encoding.labelled)
+            if compact:
+                logits = self.cls(encoding.hidden_states.index_select(0, encoding.labelled))
+                loss = masked_lm_loss(logits, targets, implementation)
+            else:
+                logits = self.cls(encoding.hidden_states)
+                loss = masked_lm_loss(logits.index_select(0, encoding.labelled), targets, implementation)
+                logits = encoding.pad(logits)
         return MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
+            loss=loss, logits=logits, hidden_states=encoding.all_hidden_states, attentions=encoding.attentions
         )
+
+
+def _classifier_dropout(config: MosaicBertConfig) -> nn.Dropout:
+    dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+    return nn.Dropout(dropout)
 
 
 class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
@@ -772,8 +1018,7 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MosaicBertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -790,18 +1035,40 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
     ) -> SequenceClassifierOutput:
         """labels: (batch,) class ids or floats for regression, or (batch, num_labels) multi-hot targets.
         Returns logits (batch, num_labels)."""
+        class_labels = None
+        if labels is not None:
+            problem_type = self._problem_type(labels)
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if problem_type in ("regression", "single_label_classification"):
+                if tuple(labels.shape) not in ((batch,), (batch, 1)):
+                    raise ValueError(f"{problem_type} labels must have shape ({batch},), got {tuple(labels.shape)}")
+            elif tuple(labels.shape) != (batch, self.num_labels):
+                raise ValueError(
+                    f"multi-label labels must have shape {(batch, self.num_labels)}, got {tuple(labels.shape)}"
+                )
+            if problem_type == "single_label_classification":
+                class_labels = labels.view(-1)
         encoding = self.bert.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
+            labels=class_labels, num_label_classes=self.num_labels, labels_per_token=False,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
         pooled = self.bert.pooler(encoding.first_token_states())
         logits = self.classifier(self.dropout(pooled))
-        loss = None if labels is None else self._loss(logits, labels)
+        loss = None
+        if labels is not None:
+            if self.config.problem_type == "regression":
+                loss = MSELoss()(upcast(logits).squeeze(-1), labels.view(-1).to(upcast_dtype(logits.dtype)))
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(upcast(logits), class_labels)
+            else:
+                loss = BCEWithLogitsLoss()(upcast(logits), labels.to(upcast_dtype(logits.dtype)))
         return SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
+            loss=loss, logits=logits, hidden_states=encoding.all_hidden_states, attentions=encoding.attentions
         )
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _problem_type(self, labels: torch.Tensor) -> str:
+        """config.problem_type, set from the labels' dtype and num_labels the first time, as transformers' BERT."""
         if self.config.problem_type is None:
             if self.num_labels == 1:
                 self.config.problem_type = "regression"
@@ -809,20 +1076,7 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
                 self.config.problem_type = "single_label_classification"
             else:
                 self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type in ("regression", "single_label_classification"):
-            if tuple(labels.shape) not in ((logits.shape[0],), (logits.shape[0], 1)):
-                raise ValueError(
-                    f"{self.config.problem_type} labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}"
-                )
-        if self.config.problem_type == "regression":
-            return MSELoss()(upcast(logits).squeeze(-1), labels.view(-1).to(upcast_dtype(logits.dtype)))
-        if self.config.problem_type == "single_label_classification":
-            labels = labels.view(-1)
-            check_class_labels(labels, self.num_labels)
-            return CrossEntropyLoss()(upcast(logits), labels)
-        if tuple(labels.shape) != tuple(logits.shape):
-            raise ValueError(f"multi-label labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
-        return BCEWithLogitsLoss()(upcast(logits), labels.to(upcast_dtype(logits.dtype)))
+        return self.config.problem_type
 
 
 class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
@@ -831,8 +1085,7 @@ class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
     def __init__(self, config: MosaicBertConfig):
         super().__init__(config)
         self.bert = MosaicBertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -852,25 +1105,23 @@ class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
         inputs = input_ids if input_ids is not None else inputs_embeds
         if inputs is None or inputs.dim() < 3:
             raise ValueError("Multiple choice inputs must have shape (batch, num_choices, seqlen)")
-        num_choices = inputs.shape[1]
+        batch, num_choices = inputs.shape[:2]
+        if labels is not None and tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), one choice index per example")
 
         def flat(t):
             return None if t is None else t.flatten(0, 1)
 
         encoding = self.bert.encode(
             flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(inputs_embeds),
+            labels=labels, num_label_classes=num_choices, labels_per_token=False,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
         pooled = self.bert.pooler(encoding.first_token_states())
         logits = self.classifier(self.dropout(pooled)).view(-1, num_choices)
-        loss = None
-        if labels is not None:
-            if tuple(labels.shape) != (logits.shape[0],):
-                raise ValueError(f"labels must have shape ({logits.shape[0]},), one choice index per example")
-            check_class_labels(labels, num_choices)
-            loss = CrossEntropyLoss()(upcast(logits), labels)
+        loss = None if labels is None else CrossEntropyLoss()(upcast(logits), labels)
         return MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
+            loss=loss, logits=logits, hidden_states=encoding.all_hidden_states, attentions=encoding.attentions
         )
 
 
@@ -881,8 +1132,7 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MosaicBertModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -900,17 +1150,15 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         """labels: (batch, seqlen) class ids, -100 where ignored (and on every padded position)."""
         encoding = self.bert.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
+            labels=labels, num_label_classes=self.num_labels, labels_per_token=True,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
-        token_logits = self.classifier(self.dropout(encoding.hidden_states))  # (total_tokens, num_labels)
-        loss = None
-        if labels is not None:
-            labels, _ = labels_of_real_tokens(labels, encoding, self.num_labels)
-            loss = CrossEntropyLoss()(upcast(token_logits), labels)
+        token_logits = self.classifier(self.dropout(encoding.hidden_states))  # (tokens, num_labels)
+        loss = None if labels is None else CrossEntropyLoss()(upcast(token_logits), encoding.labels)
         return TokenClassifierOutput(
             loss=loss,
             logits=encoding.pad(token_logits),
-            hidden_states=encoding.padded_hidden_states(),
+            hidden_states=encoding.all_hidden_states,
             attentions=encoding.attentions,
         )
 
@@ -958,7 +1206,7 @@ class MosaicBertForQuestionAnswering(MosaicBertPreTrainedModel):
             loss=loss,
             start_logits=start_logits,
             end_logits=end_logits,
-            hidden_states=encoding.padded_hidden_states(),
+            hidden_states=encoding.all_hidden_states,
             attentions=encoding.attentions,
         )
 

@@ -45,19 +45,39 @@ def test_config_defaults_match_spec():
         pad_token_id=0,
         classifier_dropout=None,
         alibi_starting_size=512,
-        attention_backend="auto",
     )
     for k, v in expected.items():
         assert getattr(c, k) == v, f"{k}: {getattr(c, k)!r} != {v!r}"
     assert c.tie_word_embeddings is True
+    assert c._attn_implementation is None  # a model resolves it to "sdpa"
+    assert "attention_backend" not in c.to_dict()
 
 
 def test_config_round_trips_through_dict():
     from configuration_mosaic_bert import MosaicBertConfig
 
-    c = MosaicBertConfig(hidden_size=48, num_attention_heads=12, alibi_starting_size=64, attention_backend="torch")
+    c = MosaicBertConfig(hidden_size=48, num_attention_heads=12, alibi_starting_size=64)
     c2 = MosaicBertConfig.from_dict(c.to_dict())
-    assert c2.hidden_size == 48 and c2.alibi_starting_size == 64 and c2.attention_backend == "torch"
+    assert c2.hidden_size == 48 and c2.alibi_starting_size == 64
+
+
+@pytest.mark.parametrize(
+    "backend, implementation", [("auto", "sdpa"), ("torch", "eager"), ("triton", "flash_attention_2")]
+)
+def test_former_attention_backend_maps_onto_attn_implementation(backend, implementation):
+    """Configs saved before attn_implementation carry attention_backend: it is read once, mapped, and not saved."""
+    from configuration_mosaic_bert import MosaicBertConfig
+
+    saved = {**MosaicBertConfig(hidden_size=48, num_attention_heads=12).to_dict(), "attention_backend": backend}
+    c = MosaicBertConfig.from_dict(saved)
+    assert c._attn_implementation == implementation
+    assert "attention_backend" not in c.to_dict()
+    c.attention_backend = "torch"  # code written for the former switch sets the current one
+    assert c._attn_implementation == "eager"
+    explicit = MosaicBertConfig(attention_backend=backend, attn_implementation="eager")
+    assert explicit._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        MosaicBertConfig(attention_backend="cuda")
 
 
 def test_classes_have_bert_aliases():
@@ -107,7 +127,7 @@ def test_masked_lm_logits_match_reference_at_real_tokens(dims):
         assert_close(real_tokens(out.logits, mask, b), real_tokens(exp["logits_full"], mask, b), msg=f"MLM logits seq {b}")
 
 
-def test_masked_lm_with_labels_returns_only_labelled_rows_and_mean_ce(dims):
+def test_masked_lm_with_labels_logits_shape_full_in_eval_compact_in_training_or_when_asked(dims):
     m = _models()
     model, sd = build(m.MosaicBertForMaskedLM, dims, "mlm")
     ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
@@ -116,12 +136,30 @@ def test_masked_lm_with_labels_returns_only_labelled_rows_and_mean_ce(dims):
     sel = (torch.rand(ids.shape, generator=g) < 0.5) & (mask == 1)
     sel[1, 0] = True  # the length-1 sequence is labelled
     labels[sel] = torch.randint(0, dims.vocab_size, (int(sel.sum()),), generator=g)
-    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
     exp = ref.mlm(sd, dims, ids, mask, tt, labels=labels)
     n = int((labels != -100).sum())
-    assert out.logits.shape == (n, dims.vocab_size), "with labels, logits must be (N_labelled, V)"
-    assert_close(out.logits, exp["logits_labelled"], msg="labelled logits in row-major order")
+    # eval: transformers' shape, zeros at padding, so that logits line up with labels
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    assert out.logits.shape == (*ids.shape, dims.vocab_size)
+    assert_close(out.logits[labels != -100], exp["logits_labelled"], msg="labelled logits at their positions")
+    assert torch.all(out.logits[mask == 0] == 0)
     assert_close(out.loss, exp["loss"], msg="MLM loss")
+    # asked for, or training with labels: only the labelled rows, in row-major order
+    compact = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, compact_logits=True)
+    assert compact.logits.shape == (n, dims.vocab_size), "compact logits must be (N_labelled, V)"
+    assert_close(compact.logits, exp["logits_labelled"], msg="labelled logits in row-major order")
+    assert_close(compact.loss, exp["loss"], msg="MLM loss")
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trained = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    assert trained.logits.shape == (n, dims.vocab_size)
+    assert_close(trained.loss, exp["loss"], msg="MLM loss in training")
+    full = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, compact_logits=False)
+    assert full.logits.shape == (*ids.shape, dims.vocab_size)
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=ids, attention_mask=mask, compact_logits=True)
 
 
 def test_masked_lm_label_at_padded_position_raises(dims):
@@ -445,9 +483,9 @@ def test_inputs_embeds_equals_input_ids(dims):
         assert_close(real_tokens(b, mask, i), real_tokens(a, mask, i), atol=1e-12, msg="inputs_embeds vs input_ids")
 
 
-def test_attentions_on_torch_backend_rows_sum_to_one_and_zero_at_pads(dims):
+def test_attentions_on_eager_rows_sum_to_one_and_zero_at_pads(dims):
     m = _models()
-    model, _ = build(m.MosaicBertModel, dims, "base", attention_backend="torch")
+    model, _ = build(m.MosaicBertModel, dims, "base", attn_implementation="eager")
     ids, mask, tt = ragged_batch(dims, [5, 2], seqlen=6)
     out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     for a in out.attentions:
@@ -459,9 +497,9 @@ def test_attentions_on_torch_backend_rows_sum_to_one_and_zero_at_pads(dims):
         assert torch.all(a.permute(0, 3, 1, 2)[pad] == 0)  # pad key cols
 
 
-def test_triton_backend_rejects_output_attentions(dims):
+def test_flash_attention_2_rejects_output_attentions(dims):
     m = _models()
-    model = m.MosaicBertModel(make_config(dims, attention_backend="triton")).eval()
+    model = m.MosaicBertModel(make_config(dims, attn_implementation="flash_attention_2")).eval()
     ids = torch.randint(1, dims.vocab_size, (1, 4))
     with pytest.raises(ValueError):
         model(input_ids=ids, output_attentions=True)
@@ -552,7 +590,11 @@ def test_weight_init_like_bert():
     d = Dims(hidden_size=64, intermediate_size=128, vocab_size=1000, num_labels=3)
     init = 0.05
     model = m.MosaicBertForSequenceClassification(make_config(d, initializer_range=init))
+    pooler = model.bert.pooler.dense  # the identity: a checkpoint without a pooler always loads the same one
+    assert torch.equal(pooler.weight, torch.eye(d.hidden_size)) and torch.all(pooler.bias == 0)
     for name, mod in model.named_modules():
+        if mod is pooler:
+            continue
         if isinstance(mod, torch.nn.Linear):
             assert abs(mod.weight.std().item() - init) < 0.2 * init, f"{name}.weight std {mod.weight.std().item()}"
             assert abs(mod.weight.mean().item()) < 0.2 * init

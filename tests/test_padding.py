@@ -104,12 +104,14 @@ def test_unpad_input_with_known_lengths_matches_reading_them_from_the_mask():
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-def test_check_inputs_returns_the_lengths_unpadding_needs():
-    from configuration_mosaic_bert import MosaicBertConfig
-    from modeling_mosaic_bert import check_inputs
+def test_read_batch_returns_the_lengths_unpadding_needs():
+    from modeling_mosaic_bert import read_batch
 
-    config = MosaicBertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
     ids = torch.randint(0, 64, MASK.shape)
     float_mask = MASK.float()  # any 0/1 dtype
-    assert check_inputs(config, ids, float_mask, None, None) == (int(MASK.sum()), int(MASK.sum(-1).max()))
-    assert check_inputs(config, ids, None, None, None) is None  # no mask: every token is real, nothing to read
+    lengths, labelled = read_batch(float_mask, ids, None, None, 64, 2, 0, True)
+    assert lengths == MASK.sum(-1).tolist() and labelled == 0
+    labels = torch.where(MASK.bool(), ids, -100)
+    labels[0, 0] = -100
+    _, labelled = read_batch(MASK, ids, None, labels, 64, 2, 64, True)
+    assert labelled == int((labels != -100).sum())

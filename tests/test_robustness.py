@@ -1,7 +1,7 @@
 """Bad inputs and edge cases: every one either works or raises a ValueError that says what is wrong.
 
 CPU cases run everywhere on tiny models (hidden 32, 2 layers, 4 heads). Cases marked `cuda` repeat the check on the
-GPU through the Triton kernel (attention_backend="triton", fp16/bf16, head_dim 16) and are skipped without CUDA.
+GPU through the Triton kernel (attn_implementation="flash_attention_2", fp16/bf16, head_dim 16) and are skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def tiny(cls_name="MosaicBertForMaskedLM", dtype=torch.float32, device="cpu", d:
         "MosaicBertForQuestionAnswering": "qa",
         "MosaicBertModel": "base",
     }[cls_name]
-    cfg.setdefault("attention_backend", "torch" if device == "cpu" else "triton")
+    cfg.setdefault("attn_implementation", "eager" if device == "cpu" else "flash_attention_2")
     # float64 weights cast down, so that they equal the reference's float64 state dict of the same seed
     model, _ = build(getattr(_m(), cls_name), d, kind, seed=seed, dtype=torch.float64, **cfg)
     return model.to(device=device, dtype=dtype)
@@ -442,7 +442,7 @@ def _precision_cases():
 @pytest.mark.parametrize("device, weights, autocast", _precision_cases())
 def test_precisions_and_autocast_run_without_dtype_errors_or_nan(device, weights, autocast):
     d = GPU_DIMS if device == "cuda" else Dims()
-    cfg = {"attention_backend": "auto"}
+    cfg = {"attn_implementation": "sdpa"}
     mlm = tiny("MosaicBertForMaskedLM", d=d, device=device, **cfg).to(weights)
     seq = tiny("MosaicBertForSequenceClassification", d=d, device=device, **cfg).to(weights)
     ids, mask, tt = (t.to(device) for t in ragged_batch(d, [9, 1, 5], padding="middle"))
@@ -475,7 +475,7 @@ def test_half_precision_does_not_overflow_on_realistic_activations(device, dtype
     LayerNorm and attention must not accumulate in float16. (Gains near 300 overflow the GeGLU product
     act(gate) * value itself in float16, as they would in any float16 model.)"""
     d = Dims(hidden_size=128, num_attention_heads=8 if device == "cpu" else 4, intermediate_size=256, num_hidden_layers=2)
-    model = tiny("MosaicBertForMaskedLM", d=d, attention_backend="auto")
+    model = tiny("MosaicBertForMaskedLM", d=d, attn_implementation="sdpa")
     if outlier_gain is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -593,29 +593,59 @@ def _dense_reference(q, k, v, n_heads):
     lengths=st.lists(st.integers(0, 20), min_size=1, max_size=6),
     heads=st.integers(1, 12),
     head_dim=st.sampled_from([1, 4, 8, 16]),
-    output_attentions=st.booleans(),
+    explicit=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
-def test_torch_varlen_attention_matches_dense_reference(lengths, heads, head_dim, output_attentions, dtype):
+def test_torch_varlen_attention_matches_dense_reference(lengths, heads, head_dim, explicit, dtype):
     m = _m()
     total = sum(lengths)
     g = torch.Generator().manual_seed(total * 131 + heads * 7 + head_dim)
     q, k, v = (3 * torch.randn(total, heads, head_dim, generator=g, dtype=dtype) for _ in range(3))
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu_seqlens = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     exact_slopes = torch.tensor(ref.alibi_slopes(heads), dtype=torch.float64)
     # the model's slopes are float32 (exact for power-of-two head counts, rounded otherwise)
     torch.testing.assert_close(m.alibi_slopes(heads).double(), exact_slopes, atol=0, rtol=1e-7)
     slopes = m.alibi_slopes(heads) if dtype == torch.float32 else exact_slopes
-    out, probs = m.torch_varlen_attention(q, k, v, cu_seqlens, slopes, 0.0, output_attentions)
+    out = m.torch_varlen_attention(q, k, v, lengths, slopes, 0.0, explicit)
     assert out.shape == q.shape and out.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 1e-10  # fp32 scores reach ~40 with these inputs: errors ~1e-5
     for b, n in enumerate(lengths):
-        s, e = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
-        if n == 0:
-            if output_attentions:
-                assert probs[b] is None
+        if n:
+            s, e = cu_seqlens[b], cu_seqlens[b + 1]
+            exp_out, _ = _dense_reference(q[s:e], k[s:e], v[s:e], heads)
+            torch.testing.assert_close(out[s:e].double(), exp_out, atol=tol, rtol=tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=4),
+    heads=st.integers(1, 12),
+    head_dim=st.sampled_from([1, 8]),
+    explicit=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_padded_attention_matches_dense_reference_with_padding_anywhere(rows, heads, head_dim, explicit, dtype):
+    """The export/compile attention: real tokens anywhere in a row (ALiBi over real-token positions), padded keys
+    ignored, probabilities zero on padded rows and columns, finite numbers in rows with no real token."""
+    m = _m()
+    mask = torch.tensor(rows)
+    batch, seqlen = mask.shape
+    g = torch.Generator().manual_seed(int(mask.sum()) * 131 + heads * 7 + head_dim)
+    qkv = 3 * torch.randn(batch, seqlen, 3, heads, head_dim, generator=g, dtype=dtype)
+    slopes = m.alibi_slopes(heads, dtype=dtype if dtype == torch.float64 else torch.float32)
+    positions = torch.cumsum(mask.long(), -1) - 1
+    out, probs = m.padded_attention(qkv, mask, positions, slopes, 0.0, explicit)
+    assert out.shape == (batch, seqlen, heads, head_dim) and torch.isfinite(out).all()
+    assert (probs is not None) == explicit
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for b in range(batch):
+        real = mask[b]
+        if not real.any():
             continue
-        exp_out, exp_probs = _dense_reference(q[s:e], k[s:e], v[s:e], heads)
-        torch.testing.assert_close(out[s:e].double(), exp_out, atol=tol, rtol=tol)
-        if output_attentions:
-            torch.testing.assert_close(probs[b].double(), exp_probs, atol=tol, rtol=tol)
+        q, k, v = (qkv[b, real, i] for i in range(3))
+        exp_out, exp_probs = _dense_reference(q, k, v, heads)
+        torch.testing.assert_close(out[b, real].double(), exp_out, atol=tol, rtol=tol)
+        if explicit:
+            torch.testing.assert_close(probs[b][:, real][:, :, real].double(), exp_probs, atol=tol, rtol=tol)
+    if explicit:
+        assert torch.all(probs.permute(0, 2, 1, 3)[~mask] == 0) and torch.all(probs.permute(0, 3, 1, 2)[~mask] == 0)
