@@ -3,7 +3,7 @@
 * The python blocks of one file run in order as one script (a later block may use an earlier block's names), in a
   fresh process, as if pasted into ``python`` started in the repository root.
 * Each shell command (a line of a ``bash``/``sh``/``shell`` block, with its ``\\`` continuations) runs on its own in
-  ``bash``, from the repository root.
+  ``bash``, from the repository root; a command written the same way in both docs runs once.
 * Skips: a block whose first line is a comment ``# gpu ...`` or ``# requires: ...`` is skipped with that line as the
   reason; in a shell block, such a comment line elsewhere skips the one command that follows it.
 
@@ -196,8 +196,11 @@ def _python_params():
 
 
 def _shell_params():
-    params = []
+    params, seen = [], set()
     for c in _all_commands():
+        if c.text in seen:
+            continue  # the same command in both docs runs once
+        seen.add(c.text)
         marks = [pytest.mark.slow] + ([pytest.mark.skip(reason=f"{c.path}:{c.line}: {c.skip}")] if c.skip else [])
         params.append(pytest.param(c, id=f"{c.path}:{c.line}", marks=marks))
     return params
