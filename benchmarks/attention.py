@@ -299,7 +299,8 @@ def sweep(head_dim, log):
                     fn = fwd if kernel == "fwd" else fwd_bwd
                     total_t += bench(fn, 10, 40)
                 ok = err < 2e-2
-                line = f"sweep hd={head_dim} {kernel} {cfg}: {total_t:.3f} ms (ragged+2048) maxerr_vs_default={err:.1e} {'ok' if ok else 'MISMATCH'}"
+                line = (f"sweep hd={head_dim} {kernel} {cfg}: {total_t:.3f} ms (ragged+2048) "
+                        f"maxerr_vs_default={err:.1e} {'ok' if ok else 'MISMATCH'}")
                 if ok and total_t < best_t:
                     best, best_t = cfg, total_t
             except Exception as e:  # e.g. out of shared memory
@@ -382,7 +383,8 @@ def main():
 
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, "
           f"bf16, {HEADS} heads, {TOTAL} tokens per workload")
-    print("| workload | hd | method | fwd ms | fwd TF/s | bwd ms | bwd TF/s | fwd+bwd ms | fwd+bwd TF/s | peak MiB | bias MiB | relerr |")
+    print("| workload | hd | method | fwd ms | fwd TF/s | bwd ms | bwd TF/s | fwd+bwd ms | fwd+bwd TF/s | peak MiB "
+          "| bias MiB | relerr |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

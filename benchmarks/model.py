@@ -1,68 +1,57 @@
-"""End-to-end model benchmark: MosaicBERT-base against transformers' BERT-base and ModernBERT-base.
+"""Whole-model speed as users run it: MosaicBERT against transformers' BERT (compiled, SDPA) and ModernBERT.
 
-    python benchmarks/model.py                                  # GPU: pretrain, train, infer, long
-    python benchmarks/model.py --device cpu                     # CPU: the cpu workload
-    python benchmarks/model.py --device cpu --smoke --workloads pretrain,train,infer,long,cpu \
-        --models ours,ours-compiled,ours-torch,bert,bert-compiled,modernbert   # every code path, tiny sizes
+    python benchmarks/model.py                                   # GPU: every workload, the default contenders
+    python benchmarks/model.py --workloads pretrain --rounds 7   # one workload, more pairs
+    python benchmarks/model.py --extra ours-nomask,bert-compiled-v30528-nomask,bert   # add labelled extra rows
+    python benchmarks/model.py --smoke                           # CPU: tiny eager models and inputs (checks the script)
 
-Every model gets random weights from a config (nothing is downloaded) and the very same random inputs.
+Inputs. Every model gets what a tokenizer and a data collator produce: the repo's bert-base-uncased tokenizer pads
+random token ids framed by [CLS] ... [SEP] (`DataCollatorForLanguageModeling(mlm_probability=0.3)` for MLM training,
+`DataCollatorWithPadding` otherwise), so every batch carries input_ids, token_type_ids and attention_mask (all ones
+on packed batches), and MLM labels on 30% of the non-special tokens (-100 elsewhere). A model receives the keys its
+forward names (ModernBERT takes no token_type_ids, as its own tokenizer gives none). Rows named `-nomask` drop the
+attention_mask, to show what a model does without one; they are extras, never the comparison.
 
-Workloads (full sizes; --smoke shrinks batches, lengths and models):
-    pretrain  MaskedLM, 256 x 128 tokens, no padding (no attention_mask passed), 30% of tokens labelled (others
-              -100); forward + backward + AdamW step. Ours runs the MLM head only on the labelled tokens.
-    train     SequenceClassification (2 labels), batch 64, lengths uniform in [64, 512] padded to 512 with
-              attention_mask; forward + backward + AdamW step.
-    infer     base encoder, batch 128, lengths uniform in [64, 512] padded to 512 with attention_mask,
-              torch.inference_mode.
-    long      base encoder, 8 x 8192 tokens, inference. BERT: n/a (512 position embeddings).
-    cpu       base encoder on the CPU (--device cpu), batch 32, lengths uniform in [16, 256] padded to the batch
-              maximum, float32, inference, torch.set_num_threads(all cores).
-On CUDA every workload runs under bf16 autocast with float32 weights (AdamW fused=True).
+Workloads (--smoke shrinks them):
+    pretrain    MLM training step on 256 x 128 packed tokens: forward, backward, fused AdamW; bf16 autocast over
+                float32 weights.
+    finetune    sequence classification (2 labels) training step, 64 sequences of 64-512 tokens padded to the batch
+                maximum (rounded up to a multiple of 64, so a compiled peer sees one shape).
+    infer-base  the base encoder, 128 sequences of 64-512 tokens, torch.inference_mode.
+    infer-mlm   the MLM head's logits on every token, same batches.
+    long        the base encoder on 8 x 8192 tokens (BERT: n/a, 512 positions).
 
-Models: ours (MosaicBERT-base from the repo's config.json, attention_backend "auto": the Triton kernel on CUDA),
-ours-compiled (the same, each encoder layer compiled: layer.compile(dynamic=True)), ours-torch
-(attention_backend="torch"), ours-triton (attention_backend="triton", forces the kernel; on CPU only under
-TRITON_INTERPRET, which --smoke sets), bert (transformers BERT-base, BertConfig() defaults, SDPA), bert-compiled
-(torch.compile(model)), modernbert (transformers ModernBERT-base, ModernBertConfig() defaults, SDPA),
-modernbert-compiled.
+Contenders: `ours` (MosaicBERT-base from the repo's config.json, eager), `bert-compiled-v30522` /
+`bert-compiled-v30528` (transformers Bert* with SDPA, the whole model under torch.compile, the vocabulary as named;
+`bert-compiled` is 30,522), `modernbert-compiled` (ModernBERT-base defaults, SDPA, compiled). Extras: drop
+`-compiled` for eager, add `-nomask`, `ours-compiled` (each encoder layer compiled).
 
-Timing: a pool of 3 input batches (fixed seeds) is cycled; >= 3 warm-up iterations (2 x pool + 1 for compiled
-models; compile time is reported separately), then --iters timed iterations, each timed alone with CUDA events
-(perf_counter on CPU) and synchronised. Each figure is the median over the timed iterations of its per-iteration
-value.
+Timing. All contenders of a workload live on the card at once. Each warms up (compiles), then the rounds run
+interleaved: in every round each contender runs `steps` back-to-back steps over a pool of 3 batches with one
+synchronisation at the end (as a Trainer's loop runs them), the order rotating from round to round. The card varies
+about 10% from run to run, so the comparison is the per-round ratio of real tokens/s, ours over the fastest peer;
+its median and spread (min, max) over the rounds are reported.
 
-Figures per row:
-    samples/s    batch / step time.
-    real tok/s   real (unpadded) tokens / step time: padding is never counted.
-    MFU          model FLOPs / step time / matmul ceiling. The ceiling is measured in the same run: a bf16
-                 8192 x 8192 x 8192 matmul on random data on CUDA (FLOPs = 2 M N K), a float32 2048^3 one on CPU.
-    peak mem     torch.cuda.max_memory_allocated() after reset_peak_memory_stats() (model, optimizer state and
-                 activations); not measured on CPU.
+Per contender also: GPU busy = the union of kernel and copy intervals in a torch.profiler trace of a few steps,
+per step, over the unprofiled median step time; host syncs per step = synchronising calls counted by
+torch.cuda.set_sync_debug_mode("warn") (item(), nonzero(), device-to-host copies, ...) in a separate loop; and the
+CUDA runtime's synchronize calls in the trace (minus the one that ends the trace). MFU = model FLOPs of the real
+tokens (2 x encoder linear weights per token, the MLM head on the tokens it must score, 4 x hidden x L^2 per layer
+for attention; training 3x forward) over the bf16 matmul ceiling measured in the same run (8192^3, random data).
 
-Model FLOPs count real tokens only, and the same formula is used for every model:
-    forward = 2 * P_lin * T  +  2 * P_head * N_lab  +  4 * hidden * n_layers * sum_b(L_b^2)
-where T = real tokens in the batch, L_b = length of sequence b, P_lin = number of weights of the nn.Linear layers
-of the encoder layers (embeddings, pooler and classifier excluded), P_head = weights of the MLM head's transform and
-decoder (pretrain only), N_lab = labelled tokens (pretrain only). 4 * hidden * L per layer per token is QK^T plus
-PV at full attention. Training = 3 x forward. ModernBERT's sliding-window layers do less attention work than the
-formula credits, so its MFU is flattering where attention dominates (long).
-
-Robustness: any failure of one row (OOM, compile error, ...) becomes a row "error: ..." and the run goes on; after
---budget seconds (default 450 on CUDA) the remaining rows are skipped. Eager rows run first, compiled rows last.
-$OUT/model_bench.json (OUT defaults to ./bench_out) is rewritten after every row; the PNG bar chart and the
-markdown table (printed last) come at the end.
+Writes $OUT/model_bench.json (rewritten after every workload) and $OUT/model_bench.png; prints the table last.
 """
 
 import argparse
-import datetime
 import gc
+import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,168 +59,196 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-ALL_WORKLOADS = ["pretrain", "train", "infer", "long", "cpu"]
-ALL_MODELS = ["ours", "ours-compiled", "ours-torch", "ours-triton", "bert", "bert-compiled", "modernbert",
-              "modernbert-compiled"]
-DEFAULT_MODELS = {"cuda": "ours,ours-compiled,ours-torch,bert,bert-compiled,modernbert", "cpu": "ours,bert,modernbert"}
-DEFAULT_WORKLOADS = {"cuda": "pretrain,train,infer,long", "cpu": "cpu"}
+from report import model_table  # noqa: E402
+from runinfo import run_meta  # noqa: E402
 
-# head: mlm (MaskedLM, training), cls (SequenceClassification, training), base (encoder, inference).
-# lengths: (min, max) uniform per sequence; pad_to: padded length (None = batch max); mask: pass attention_mask.
 WORKLOADS = {
-    "pretrain": dict(head="mlm", batch=256, lengths=(128, 128), pad_to=128, mask=False, label_frac=0.3),
-    "train": dict(head="cls", batch=64, lengths=(64, 512), pad_to=512, mask=True),
-    "infer": dict(head="base", batch=128, lengths=(64, 512), pad_to=512, mask=True),
-    "long": dict(head="base", batch=8, lengths=(8192, 8192), pad_to=8192, mask=False),
-    "cpu": dict(head="base", batch=32, lengths=(16, 256), pad_to=None, mask=True, cpu_only=True),
+    "pretrain": dict(head="mlm", train=True, batch=256, lengths=(128, 128), pad_multiple=None, mlm=0.3, steps=10),
+    "finetune": dict(head="cls", train=True, batch=64, lengths=(64, 512), pad_multiple=64, steps=12),
+    "infer-base": dict(head="base", train=False, batch=128, lengths=(64, 512), pad_multiple=64, steps=10),
+    "infer-mlm": dict(head="mlm", train=False, batch=128, lengths=(64, 512), pad_multiple=64, steps=10),
+    "long": dict(head="base", train=False, batch=8, lengths=(8192, 8192), pad_multiple=None, steps=5),
 }
-SMOKE_WORKLOADS = {
-    "pretrain": dict(batch=4, lengths=(32, 32), pad_to=32),
-    "train": dict(batch=4, lengths=(8, 64), pad_to=64),
-    "infer": dict(batch=4, lengths=(8, 64), pad_to=64),
-    "long": dict(batch=2, lengths=(256, 256), pad_to=256),  # beyond the smoke BERT's 128 positions: n/a path
-    "cpu": dict(batch=4, lengths=(4, 32), pad_to=None),
+DESCRIPTIONS = {"pretrain": "MLM training step", "finetune": "sequence classification training step",
+                "infer-base": "base encoder inference", "infer-mlm": "MLM logits on every token",
+                "long": "base encoder inference"}
+SMOKE = {
+    "pretrain": dict(batch=4, lengths=(32, 32), steps=2),
+    "finetune": dict(batch=4, lengths=(8, 64), pad_multiple=8, steps=2),
+    "infer-base": dict(batch=4, lengths=(8, 64), pad_multiple=8, steps=2),
+    "infer-mlm": dict(batch=4, lengths=(8, 64), pad_multiple=8, steps=2),
+    "long": dict(batch=2, lengths=(256, 256), steps=2),  # beyond the smoke BERT's 128 positions: the n/a path
 }
 SMOKE_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-POOL = 3  # distinct input batches cycled through warm-up and timing
-TOKEN_IDS = (1000, 30522)  # random token ids valid in every vocabulary (BERT's is the smallest), no special ids
+DEFAULT_CONTENDERS = {
+    "pretrain": ["ours", "bert-compiled-v30522", "bert-compiled-v30528"],
+    "finetune": ["ours", "bert-compiled"],
+    "infer-base": ["ours", "bert-compiled"],
+    "infer-mlm": ["ours", "bert-compiled-v30522", "bert-compiled-v30528"],
+    "long": ["ours", "modernbert-compiled"],
+}
+POOL = 3  # distinct batches cycled through warm-up and timing
+TOKEN_IDS = (1000, 30522)  # random ids valid in every vocabulary here, no special tokens
 
 
 def log(*args):
     print(*args, flush=True)
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if _cuda_available() else "cpu")
-    p.add_argument("--workloads", help=f"comma list of {ALL_WORKLOADS}")
-    p.add_argument("--models", help=f"comma list of {ALL_MODELS}")
-    p.add_argument("--iters", type=int, help="timed iterations (default 10; 3 with --smoke)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up iterations of eager models (compiled: 2*pool+1)")
-    p.add_argument("--budget", type=float, help="seconds after which remaining rows are skipped "
-                   "(default 450 on CUDA, none on CPU)")
-    p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
-                   help="autocast dtype: auto = bf16 on CUDA, none (float32) on CPU")
-    p.add_argument("--smoke", action="store_true", help="tiny models, tiny inputs, few iterations")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {list(WORKLOADS)}")
+    p.add_argument("--contenders", help="comma list replacing the defaults of every workload (ours is always kept)")
+    p.add_argument("--extra", default="", help="comma list of contenders added to every workload")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5; 2 with --smoke)")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler / sync counting")
+    p.add_argument("--budget", type=float, default=float("inf"),
+                   help="seconds; a workload that would start later, or a contender not yet warmed, is skipped")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny models and inputs, 2 rounds")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="output folder (default $OUT)")
-    args = p.parse_args()
-    args.workloads = [w for w in (args.workloads or DEFAULT_WORKLOADS[args.device]).split(",") if w]
-    args.models = [m for m in (args.models or DEFAULT_MODELS[args.device]).split(",") if m]
-    for name, given, known in (("workload", args.workloads, ALL_WORKLOADS), ("model", args.models, ALL_MODELS)):
-        unknown = set(given) - set(known)
-        if unknown:
-            p.error(f"unknown {name}(s) {sorted(unknown)}; choose from {known}")
-    if args.iters is None:
-        args.iters = 3 if args.smoke else 10
-    if args.budget is None:
-        args.budget = 450.0 if args.device == "cuda" else float("inf")
-    if args.amp == "auto":
-        args.amp = "bf16" if args.device == "cuda" else "none"
+    args = p.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        p.error(f"unknown workload(s) {sorted(unknown)}; choose from {list(WORKLOADS)}")
+    args.rounds = args.rounds or (2 if args.smoke else 5)
     return args
 
 
-def _cuda_available():
-    import torch
-
-    return torch.cuda.is_available()
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Inputs
+# Inputs: a tokenizer and a collator, as users get them
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def workload_spec(name, smoke):
     spec = dict(WORKLOADS[name])
     if smoke:
-        spec.update(SMOKE_WORKLOADS[name])
-    lo, hi = spec["lengths"]
-    pad = spec["pad_to"] or "batch max"
-    spec["desc"] = f"{spec['batch']} x {lo}" + (f"-{hi}" if hi != lo else "") + (
-        f", padded to {pad}" if spec["mask"] else "")
+        spec.update(SMOKE[name])
+    (lo, hi), what = spec["lengths"], DESCRIPTIONS[name]
+    shape = f"{spec['batch']} x {lo}" + (f"-{hi}" if hi != lo else "")
+    spec["desc"] = f"{what}, {shape}" + (" packed" if name == "pretrain" else "")
     return spec
 
 
-def make_batches(spec, device, seed=0):
-    """POOL batches of random inputs: input_ids (B, S) int64 with 0 on padding, attention_mask (B, S) int64 (or None
-    without padding), labels (MLM: ids on label_frac of the real tokens, else -100; cls: (B,) in {0, 1}), lengths."""
-    import torch
+def load_tokenizer():
+    from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(str(REPO), trust_remote_code=True)
+
+
+def make_batches(spec, tokenizer, seed):
+    """POOL collated batches (dicts of CPU tensors). Each example is [CLS] random ids [SEP] with token_type_ids of
+    zeros (and a class label for finetune); the collator pads, builds attention_mask and draws the MLM labels."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+
+    if spec["head"] == "mlm" and spec["train"]:
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=spec["mlm"],
+                                                   pad_to_multiple_of=spec["pad_multiple"], seed=seed)
+    else:
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=spec["pad_multiple"])
     batches = []
     for i in range(POOL):
         g = torch.Generator().manual_seed(seed * 1000 + i)
-        B, (lo, hi) = spec["batch"], spec["lengths"]
-        lengths = torch.randint(lo, hi + 1, (B,), generator=g)
-        S = spec["pad_to"] or int(lengths.max())
-        real = torch.arange(S)[None, :] < lengths[:, None]
-        ids = torch.randint(*TOKEN_IDS, (B, S), generator=g).masked_fill(~real, 0)
-        batch = {"input_ids": ids, "attention_mask": real.long() if spec["mask"] else None}
+        lo, hi = spec["lengths"]
+        lengths = torch.randint(lo, hi + 1, (spec["batch"],), generator=g).tolist()
+        examples = []
+        for length in lengths:
+            body = torch.randint(*TOKEN_IDS, (length - 2,), generator=g).tolist()
+            example = {"input_ids": [tokenizer.cls_token_id, *body, tokenizer.sep_token_id],
+                       "token_type_ids": [0] * length}
+            if spec["head"] == "cls":
+                example["labels"] = int(torch.randint(0, 2, (1,), generator=g))
+            examples.append(example)
+        batch = dict(collator(examples))
+        real = batch["attention_mask"].bool()
+        batch = {"inputs": batch, "lengths": lengths, "real_tokens": int(real.sum())}
         if spec["head"] == "mlm":
-            real_pos = real.flatten().nonzero().flatten()
-            n_lab = round(spec["label_frac"] * real_pos.numel())
-            chosen = real_pos[torch.randperm(real_pos.numel(), generator=g)[:n_lab]]
-            labels = torch.full((B * S,), -100, dtype=torch.long)
-            labels[chosen] = ids.flatten()[chosen]
-            batch["labels"] = labels.view(B, S)
-        elif spec["head"] == "cls":
-            batch["labels"] = torch.randint(0, 2, (B,), generator=g)
-        batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
-        batch["lengths"] = lengths.tolist()
-        batch["n_labelled"] = int((batch["labels"] != -100).sum()) if spec["head"] == "mlm" else 0
+            labels = batch["inputs"].get("labels")
+            batch["scored_tokens"] = int((labels != -100).sum()) if labels is not None else batch["real_tokens"]
+        else:
+            batch["scored_tokens"] = 0
         batches.append(batch)
     return batches
 
 
-def model_inputs(batch):
-    return {k: v for k, v in batch.items() if k not in ("lengths", "n_labelled") and v is not None}
+def forward_keys(model):
+    """Names of the inputs a model's forward takes explicitly (what Trainer's remove_unused_columns keeps)."""
+    params = inspect.signature(model.forward).parameters.values()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def model_inputs(batch, keys, mask, device):
+    inputs = {k: v for k, v in batch["inputs"].items() if k in keys and (mask or k != "attention_mask")}
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models
+# Contenders
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_model(name, head, smoke, device="cpu"):
-    """Returns (model on device, encoder layers ModuleList, MLM head modules or [], max positions or None)."""
+def parse_contender(name):
+    """'bert-compiled-v30528-nomask' -> dict(family='bert', compiled=True, vocab=30528, mask=False)."""
+    parts = name.split("-")
+    family, flags = parts[0], parts[1:]
+    if family not in ("ours", "bert", "modernbert"):
+        raise ValueError(f"unknown contender {name!r}: it starts with ours, bert or modernbert")
+    spec = dict(name=name, family=family, compiled=False, vocab=None, mask=True)
+    for flag in flags:
+        if flag == "compiled":
+            spec["compiled"] = True
+        elif flag == "nomask":
+            spec["mask"] = False
+        elif flag.startswith("v") and flag[1:].isdigit():
+            spec["vocab"] = int(flag[1:])
+        else:
+            raise ValueError(f"unknown flag {flag!r} in contender {name!r} (compiled, nomask, v<vocab>)")
+    return spec
+
+
+def build_model(contender, head, smoke, device):
+    """Returns (model on device, encoder layers, MLM head modules, max positions or None)."""
     import torch
 
-    family = name.split("-")[0]
+    family = contender["family"]
     if family == "ours":
         from configuration_mosaic_bert import MosaicBertConfig
         from modeling_mosaic_bert import MosaicBertForMaskedLM, MosaicBertForSequenceClassification, MosaicBertModel
 
         config = MosaicBertConfig.from_json_file(str(REPO / "config.json"))
-        if name in ("ours-torch", "ours-triton"):
-            config.attention_backend = name.split("-")[1]
-        cls = {"mlm": MosaicBertForMaskedLM, "cls": MosaicBertForSequenceClassification, "base": MosaicBertModel}[head]
+        classes = {"mlm": MosaicBertForMaskedLM, "cls": MosaicBertForSequenceClassification, "base": MosaicBertModel}
     elif family == "bert":
         from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
-        config = BertConfig(attn_implementation="sdpa")
+        config = BertConfig(attn_implementation="sdpa", vocab_size=contender["vocab"] or 30522)
         if smoke:
             config.max_position_embeddings = 128
-        cls = {"mlm": BertForMaskedLM, "cls": BertForSequenceClassification, "base": BertModel}[head]
-    elif family == "modernbert":
-        from transformers import (ModernBertConfig, ModernBertForMaskedLM, ModernBertForSequenceClassification,
-                                  ModernBertModel)
+        classes = {"mlm": BertForMaskedLM, "cls": BertForSequenceClassification, "base": BertModel}
+    else:
+        from transformers import (
+            ModernBertConfig,
+            ModernBertForMaskedLM,
+            ModernBertForSequenceClassification,
+            ModernBertModel,
+        )
 
         config = ModernBertConfig(attn_implementation="sdpa", reference_compile=False)
         if smoke:
             config.local_attention = 16
-        cls = {"mlm": ModernBertForMaskedLM, "cls": ModernBertForSequenceClassification, "base": ModernBertModel}[head]
-    else:
-        raise ValueError(name)
+        classes = {"mlm": ModernBertForMaskedLM, "cls": ModernBertForSequenceClassification, "base": ModernBertModel}
+    if contender["vocab"] and family != "bert":
+        config.vocab_size = contender["vocab"]
     if smoke:
         for key, value in SMOKE_SIZES.items():
             setattr(config, key, value)
         if family == "modernbert":
-            config.intermediate_size = 96
-            config.num_hidden_layers = 3
+            config.intermediate_size, config.num_hidden_layers = 96, 3
             if getattr(config, "layer_types", None) is not None:
                 config.layer_types = config.layer_types[:3]
     config.num_labels = 2
-    with torch.device(device):  # initialise the weights where they will run
-        model = cls(config)
+    with torch.device(device):
+        model = classes[head](config)
     base = model.base_model
     layers = base.layers if family == "modernbert" else base.encoder.layer
     if head != "mlm":
@@ -240,35 +257,8 @@ def build_model(name, head, smoke, device="cpu"):
         mlm_head = [model.head.dense, model.decoder]
     else:
         mlm_head = [model.cls.predictions.transform.dense, model.cls.predictions.decoder]
-    max_positions = getattr(config, "max_position_embeddings", None) if family != "ours" else None
+    max_positions = None if family == "ours" else getattr(config, "max_position_embeddings", None)
     return model, layers, mlm_head, max_positions
-
-
-def compile_model(name, model, layers):
-    """ours: regional compilation of the encoder layers; transformers models: the whole model."""
-    if name.startswith("ours"):
-        for layer in layers:
-            layer.compile(dynamic=True)
-        return model
-    return __import__("torch").compile(model)
-
-
-def attention_path(model, layers, device, amp_dtype):
-    """For our model: which attention implementation a call of the first layer would take, and why."""
-    import torch
-    import modeling_mosaic_bert as mmb
-
-    attn = layers[0].attention.self
-    dtype = amp_dtype or torch.float32
-    q = torch.zeros(16, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
-    cu = torch.tensor([0, 16], dtype=torch.int32, device=device)
-    reason = attn.kernel_unsupported_reason(q, q, q, cu, mmb.alibi_slopes(attn.num_heads, device), False)
-    return "attn=triton" if reason is None else f"attn=torch ({reason})"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FLOPs, timing
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def linear_weights(modules):
@@ -278,270 +268,301 @@ def linear_weights(modules):
 
 
 def model_flops(batch, p_lin, p_head, hidden, n_layers, training):
-    """Real-token model FLOPs of one step (see the module docstring)."""
-    tokens = sum(batch["lengths"])
+    """Real-token model FLOPs of one step (module docstring)."""
     attention = 4 * hidden * n_layers * sum(length * length for length in batch["lengths"])
-    forward = 2 * p_lin * tokens + 2 * p_head * batch["n_labelled"] + attention
+    forward = 2 * p_lin * batch["real_tokens"] + 2 * p_head * batch["scored_tokens"] + attention
     return 3 * forward if training else forward
 
 
-def synchronize(device):
-    import torch
+class Runner:
+    """One contender of one workload: its model, its step function, its measurements."""
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    def __init__(self, contender, spec, batches, device, smoke):
+        import torch
 
+        self.contender, self.spec, self.device = contender, spec, device
+        self.row = {"contender": contender["name"], "mask": contender["mask"], "compiled": contender["compiled"]}
+        model, layers, mlm_head, max_positions = build_model(contender, spec["head"], smoke, device)
+        seqlen = max(b["inputs"]["input_ids"].shape[1] for b in batches)
+        self.na = None
+        if max_positions is not None and seqlen > max_positions:
+            self.na = f"n/a: {max_positions} position embeddings"
+            return
+        model.train(spec["train"])
+        keys = forward_keys(model)
+        self.inputs = [model_inputs(b, keys, contender["mask"], device) for b in batches]
+        self.batches = batches
+        self.row["inputs"] = sorted(self.inputs[0])
+        self.flops = [model_flops(b, linear_weights([layers]), linear_weights(mlm_head), model.config.hidden_size,
+                                  len(layers), spec["train"]) for b in batches]
+        if contender["compiled"]:
+            if contender["family"] == "ours":
+                for layer in layers:
+                    layer.compile(dynamic=True)
+            else:
+                model = torch.compile(model)
+        self.model = model
+        cuda = device == "cuda"
+        if spec["train"]:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
 
-def time_steps(step, batches, warmup, iters, device):
-    """Runs step(batch) warmup times, then iters times, each timed alone. Returns [(batch, seconds)]."""
-    import torch
-
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    synchronize(device)
-    timings = []
-    for i in range(iters):
-        batch = batches[i % len(batches)]
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(batch)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
+            def step(inputs):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                    loss = model(**inputs).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         else:
-            t0 = time.perf_counter()
-            step(batch)
-            seconds = time.perf_counter() - t0
-        timings.append((batch, seconds))
-    return timings
+            def step(inputs):
+                with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                    model(**inputs)
+        self.step = step
+        self.times = []  # per round: (seconds, steps, first batch index)
+
+    def sync(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def loop(self, steps, start=0):
+        for i in range(start, start + steps):
+            self.step(self.inputs[i % POOL])
+
+    def warm_up(self):
+        import torch
+
+        if self.device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        self.loop(2 * POOL + 1 if self.contender["compiled"] else POOL + 1)
+        self.sync()
+        self.row["warmup_s"] = round(time.perf_counter() - t0, 1)
+        if self.device == "cuda":
+            self.row["step_peak_gib"] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+
+    def timed_round(self, r):
+        steps = self.spec["steps"]
+        self.sync()
+        t0 = time.perf_counter()
+        self.loop(steps, start=r)
+        self.sync()
+        self.times.append((time.perf_counter() - t0, steps, r))
+
+    def rate(self, i):
+        """(samples/s, real tokens/s, FLOP/s) of round i."""
+        seconds, steps, start = self.times[i]
+        used = [(start + k) % POOL for k in range(steps)]
+        return (self.spec["batch"] * steps / seconds, sum(self.batches[j]["real_tokens"] for j in used) / seconds,
+                sum(self.flops[j] for j in used) / seconds)
+
+    def count_syncs(self, steps):
+        """Synchronising calls per step, as torch.cuda.set_sync_debug_mode('warn') reports them."""
+        import torch
+
+        if self.device != "cuda":
+            return None
+        self.sync()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                self.loop(steps)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        self.sync()
+        return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+    def profile(self, steps):
+        """(GPU busy ms per step, runtime synchronize calls per step) from a torch.profiler trace."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.device != "cuda":
+            return None, None
+        self.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            self.loop(steps)
+            torch.cuda.synchronize()
+        intervals, sync_calls = [], -1  # the synchronize that ends the trace is ours
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                intervals.append((e.time_range.start, e.time_range.end))
+            elif e.name in ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy"):
+                sync_calls += 1
+        return union_length(intervals) / 1e3 / steps, max(sync_calls, 0) / steps
+
+    def summarise(self, peak_flops):
+        rates = [self.rate(i) for i in range(len(self.times))]
+        step_ms = [1e3 * s / n for s, n, _ in self.times]
+        self.row.update(
+            samples_per_s=statistics.median(r[0] for r in rates),
+            tokens_per_s=statistics.median(r[1] for r in rates),
+            tokens_per_s_rounds=[r[1] for r in rates],
+            mfu=statistics.median(r[2] for r in rates) / peak_flops,
+            step_ms=statistics.median(step_ms),
+            step_ms_min=min(step_ms),
+            step_ms_max=max(step_ms),
+        )
+        if self.row.get("busy_ms_per_step") is not None:
+            self.row["gpu_busy"] = min(1.0, self.row["busy_ms_per_step"] / self.row["step_ms"])
+
+
+def union_length(intervals):
+    """Total length covered by (start, end) intervals."""
+    total, end = 0.0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One workload: contenders side by side, interleaved rounds, ratios
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def compare(rows):
+    """Ours (with mask) against the fastest peer with a mask: per-round ratio of real tokens/s."""
+    ours = next((r for r in rows if r["contender"] == "ours" and r.get("tokens_per_s")), None)
+    peers = [r for r in rows if not r["contender"].startswith("ours") and r["mask"] and r.get("tokens_per_s")]
+    if ours is None or not peers:
+        return None
+    peer = max(peers, key=lambda r: r["tokens_per_s"])
+    ratios = [a / b for a, b in zip(ours["tokens_per_s_rounds"], peer["tokens_per_s_rounds"])]
+    return {"peer": peer["contender"], "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios), "ratios": ratios}
+
+
+def run_workload(name, spec, contenders, tokenizer, args, device, peak_flops, deadline):
+    import torch
+
+    batches = make_batches(spec, tokenizer, seed=list(WORKLOADS).index(name))
+    runners, rows = [], []
+    for contender in contenders:
+        row = {"contender": contender["name"], "mask": contender["mask"], "compiled": contender["compiled"]}
+        if time.perf_counter() > deadline:
+            row["note"] = "skipped: time budget"
+            rows.append(row)
+            continue
+        try:
+            runner = Runner(contender, spec, batches, device, args.smoke)
+            if runner.na:
+                row["note"] = runner.na
+                rows.append(row)
+                continue
+            runner.warm_up()
+            runner.row["syncs_per_step"] = runner.count_syncs(args.profile_steps)
+            busy, sync_calls = runner.profile(args.profile_steps)
+            runner.row.update(busy_ms_per_step=busy, sync_calls_per_step=sync_calls)
+            runners.append(runner)
+            rows.append(runner.row)
+            log(f"    {contender['name']}: warm-up {runner.row['warmup_s']} s, inputs {runner.row['inputs']}")
+        except Exception as exc:  # noqa: BLE001 -- one broken contender must not end the run
+            traceback.print_exc(limit=4)
+            row["note"] = "error: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            rows.append(row)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for r in range(args.rounds):
+        for k in range(len(runners)):
+            runners[(r + k) % len(runners)].timed_round(r)
+    for runner in runners:
+        runner.summarise(peak_flops)
+        runner.row["note"] = f"{runner.row['step_ms']:.1f} ms/step"
+    del runners
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"workload": name, "rows": rows, "comparison": compare(rows)}
 
 
 def matmul_ceiling(device, smoke):
-    """Measured dense matmul throughput in FLOP/s: bf16 8192^3 on CUDA, float32 2048^3 on CPU."""
+    """Measured dense matmul rate in FLOP/s: bf16 8192^3 on CUDA (random data), float32 on the CPU."""
     import torch
 
-    if device == "cuda":
-        n, dtype, iters = (2048 if smoke else 8192), torch.bfloat16, 10
-    else:
-        n, dtype, iters = (512 if smoke else 2048), torch.float32, 5
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    timings = time_steps(lambda _: a @ b, [None], 3, iters, device)
-    seconds = statistics.median(t for _, t in timings)
-    return 2 * n**3 / seconds, f"{str(dtype).split('.')[-1]} {n}x{n}x{n} matmul"
+    n, dtype = ((2048 if smoke else 8192), torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(13):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times), f"{str(dtype).split('.')[-1]} {n}^3 matmul"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# One row
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def run_row(model_name, workload, spec, batches, args, peak_flops):
+def main(argv=None):
+    args = parse_args(argv)
     import torch
 
-    device = args.device
-    row = {"model": model_name, "workload": workload}
-    compiled = model_name.endswith("-compiled")
-    model, layers, mlm_head, max_positions = build_model(model_name, spec["head"], args.smoke, device)
-    seqlen = max(b["input_ids"].shape[1] for b in batches)
-    if max_positions is not None and seqlen > max_positions:
-        row["note"] = f"n/a: {max_positions} position embeddings"
-        return row
-    training = spec["head"] != "base"
-    model.to(device).train(training)
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
-    notes = []
-    if model_name.startswith("ours"):
-        notes.append(attention_path(model, layers, device, amp_dtype))
-    if compiled:
-        model = compile_model(model_name, model, layers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda") if training else None
-    autocast = (lambda: torch.autocast(device, dtype=amp_dtype)) if amp_dtype else (lambda: torch.autocast(
-        device, enabled=False))
-
-    def train_step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = model(**model_inputs(batch)).loss
-        loss.backward()
-        optimizer.step()
-
-    def infer_step(batch):
-        with torch.inference_mode(), autocast():
-            model(**model_inputs(batch))
-
-    p_lin = linear_weights([layers])
-    p_head = linear_weights(mlm_head)
-    hidden, n_layers = model.config.hidden_size, len(layers)
-    if device == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    warmup = 2 * POOL + 1 if compiled else max(args.warmup, 1)
-    t0 = time.perf_counter()
-    timings = time_steps(train_step if training else infer_step, batches, warmup, args.iters, device)
-    wall = time.perf_counter() - t0
-    step_times = [t for _, t in timings]
-    row.update(
-        samples_per_s=statistics.median(spec["batch"] / t for _, t in timings),
-        tokens_per_s=statistics.median(sum(b["lengths"]) / t for b, t in timings),
-        mfu=statistics.median(model_flops(b, p_lin, p_head, hidden, n_layers, training) / t
-                              for b, t in timings) / peak_flops,
-        step_ms=1e3 * statistics.median(step_times),
-        step_ms_min=1e3 * min(step_times),
-        step_ms_max=1e3 * max(step_times),
-        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-        linear_weights_m=p_lin / 1e6,
-    )
-    if compiled:
-        warm_s = wall - sum(step_times)
-        row["warmup_s"] = warm_s
-        notes.append(f"compile+warm-up {warm_s:.0f} s")
-    notes.append(f"{row['step_ms']:.1f} ms/step")
-    row["note"] = "; ".join(notes)
-    return row
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def fmt(value, kind):
-    if value is None:
-        return "-"
-    if kind == "rate":
-        return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
-    if kind == "pct":
-        return f"{100 * value:.1f}%"
-    return f"{value:.1f} GiB"
-
-
-def table(rows):
-    lines = ["| model | workload | samples/s | real tok/s | MFU | peak mem | note |", "|---|---|---:|---:|---:|---:|---|"]
-    order = {w: i for i, w in enumerate(ALL_WORKLOADS)}
-    for r in sorted(rows, key=lambda r: (order.get(r["workload"], 99), ALL_MODELS.index(r["model"]))):
-        lines.append(f"| {r['model']} | {r['workload']} | {fmt(r.get('samples_per_s'), 'rate')} | "
-                     f"{fmt(r.get('tokens_per_s'), 'rate')} | {fmt(r.get('mfu'), 'pct')} | "
-                     f"{fmt(r.get('peak_mem_gib'), 'mem')} | {r.get('note', '')} |")
-    return "\n".join(lines)
-
-
-def versions():
-    import torch
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
-            "python": platform.python_version()}
-
-
-def device_name(device):
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores)"
-
-
-def main():
-    args = parse_args()
-    if args.smoke and args.device == "cpu" and "ours-triton" in args.models:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before modeling_mosaic_bert imports the kernel
-    import torch
-
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no CUDA device: run with --smoke for the CPU check")
     torch.manual_seed(0)
-    if args.device == "cpu":
-        torch.set_num_threads(os.cpu_count())
-    for knob in ("cache_size_limit", "recompile_limit"):  # each workload compiles its own graphs
+    for knob in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
-    if args.device == "cuda":
+    if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "model_bench.json", out_dir / "model_bench.png"
-
-    meta = dict(versions(), device=args.device, device_name=device_name(args.device),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                threads=torch.get_num_threads(), amp=args.amp, smoke=args.smoke, iters=args.iters,
-                argv=sys.argv[1:], load_avg_1_5_15=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-    log(f"# model benchmark  {meta['date']}")
-    log(f"# device {meta['device_name']}; torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"triton {meta['triton']}, python {meta['python']}; threads {meta['threads']}; autocast {args.amp}; "
-        f"load average {meta['load_avg_1_5_15']}")
-    import modeling_mosaic_bert as mmb
-
-    log(f"# our Triton kernel imported: {mmb.flash_attn_varlen_qkvpacked_func is not None}")
-
-    peak_flops, ceiling_desc = matmul_ceiling(args.device, args.smoke)
-    meta.update(peak_tflops=peak_flops / 1e12, ceiling=ceiling_desc)
-    log(f"# matmul ceiling: {ceiling_desc}: {peak_flops / 1e12:.3g} TFLOP/s")
-
-    specs = {w: workload_spec(w, args.smoke) for w in args.workloads}
-    results = {"meta": meta, "workloads": specs, "rows": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "model_bench.json", out / "model_bench.png"
     start = time.perf_counter()
-    pool_cache = {}
-    # Eager rows of every workload first, compiled rows last: a timeout then costs the compiled rows only.
-    plan = [(w, m) for compiled in (False, True) for w in args.workloads for m in args.models
-            if m.endswith("-compiled") == compiled]
-    for i, (workload, model_name) in enumerate(plan):
-        spec = specs[workload]
-        elapsed = time.perf_counter() - start
-        log(f"[{i + 1}/{len(plan)}] {model_name} / {workload} ({spec['desc']})  t={elapsed:.0f}s")
-        if spec.get("cpu_only") and args.device != "cpu":
-            row = {"model": model_name, "workload": workload, "note": "skipped: cpu workload needs --device cpu"}
-        elif elapsed > args.budget:
-            row = {"model": model_name, "workload": workload, "note": f"skipped: time budget {args.budget:.0f} s"}
-        else:
-            try:
-                if workload not in pool_cache:
-                    pool_cache = {workload: make_batches(spec, args.device, seed=ALL_WORKLOADS.index(workload))}
-                row = run_row(model_name, workload, spec, pool_cache[workload], args, peak_flops)
-            except Exception as exc:  # noqa: BLE001 -- one broken row must not end the run
-                traceback.print_exc(limit=4)
-                message = " ".join(f"{type(exc).__name__}: {exc}".split())
-                row = {"model": model_name, "workload": workload, "note": f"error: {message[:200]}"}
-            finally:
-                gc.collect()
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
-        row["elapsed_s"] = time.perf_counter() - start
-        results["rows"].append(row)
-        log("    " + table([row]).splitlines()[-1])
-        json_path.write_text(json.dumps(results, indent=1))
+    deadline = start + args.budget
 
-    meta["total_s"] = time.perf_counter() - start
+    meta = run_meta(device)
+    peak_flops, ceiling = matmul_ceiling(device, args.smoke)
+    meta.update(peak_tflops=peak_flops / 1e12, ceiling=ceiling, rounds=args.rounds, smoke=args.smoke,
+                argv=sys.argv[1:] if argv is None else argv)
+    log(f"# model benchmark {meta['date']}: {meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"transformers {meta['transformers']}, commit {meta['commit']}; {ceiling} {peak_flops / 1e12:.0f} TFLOP/s")
+    tokenizer = load_tokenizer()
+    results = {"meta": meta, "workloads": {}, "results": []}
+    for name in args.workloads:
+        spec = workload_spec(name, args.smoke)
+        results["workloads"][name] = spec
+        names = args.contenders.split(",") if args.contenders else DEFAULT_CONTENDERS[name]
+        names = list(dict.fromkeys(["ours", *names, *[n for n in args.extra.split(",") if n]]))
+        contenders = [parse_contender(n) for n in names]
+        if args.smoke:  # compiling on a CPU takes minutes: the smoke run checks the eager path of every contender
+            for contender in contenders:
+                contender["compiled"] = False
+        log(f"[{name}] {spec['desc']}: {', '.join(names)}  t={time.perf_counter() - start:.0f}s")
+        if time.perf_counter() > deadline:
+            results["results"].append({"workload": name, "rows": [], "skipped": "time budget"})
+            continue
+        result = run_workload(name, spec, contenders, tokenizer, args, device, peak_flops, deadline)
+        results["results"].append(result)
+        c = result["comparison"]
+        if c:
+            log(f"    ours / {c['peer']}: {c['ratio_median']:.2f}x (min {c['ratio_min']:.2f}, max "
+                f"{c['ratio_max']:.2f}, {len(c['ratios'])} rounds)")
+        json_path.write_text(json.dumps(results, indent=1))
+    meta["total_s"] = round(time.perf_counter() - start, 1)
     json_path.write_text(json.dumps(results, indent=1))
     try:
-        from plot import plot
+        from plot import plot_model
 
-        problem = plot(results, png_path)
+        problem = plot_model(results, png_path)
     except Exception as exc:  # noqa: BLE001 -- the chart is optional
         problem = f"{type(exc).__name__}: {exc}"
     log(f"# wrote {json_path}" + (f"; no chart: {problem}" if problem else f" and {png_path}"))
     log(f"# total {meta['total_s']:.0f} s\n")
-    log(f"## Model benchmark: {meta['device_name']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"triton {meta['triton']}, {meta['date']}; autocast {args.amp}; matmul ceiling {ceiling_desc} "
-        f"{peak_flops / 1e12:.3g} TFLOP/s\n")
-    log(table(results["rows"]))
+    log(model_table(results))
 
 
 if __name__ == "__main__":

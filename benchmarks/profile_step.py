@@ -3,8 +3,9 @@
     python benchmarks/profile_step.py [--config config.json] [--batch 256] [--seqlen 128] [--steps 3] [--smoke]
     python benchmarks/profile_step.py --cpu-inference [--steps 3]
 
-Default: one pretraining step on the GPU: random weights, bf16 autocast, fused AdamW, 30% of tokens labelled (the
-MLM head runs on those only). --cpu-inference: the CPU workload of benchmarks/model.py instead (the base encoder in
+Default: one pretraining step on the GPU with the inputs the recipe's collator gives (input_ids, an all-ones
+attention_mask, token_type_ids, labels on 30% of tokens; the MLM head runs on those only): random weights, bf16
+autocast, fused AdamW. --cpu-inference: the CPU workload of benchmarks/model.py instead (the base encoder in
 fp32, 32 sequences of 16-256 tokens padded to the batch maximum). Prints the top kernels by time and a table of time
 per category (matmul, attention, elementwise and normalisation, optimizer, other) as a share of the wall time.
 """
@@ -21,6 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from configuration_mosaic_bert import MosaicBertConfig  # noqa: E402
 from modeling_mosaic_bert import MosaicBertForMaskedLM  # noqa: E402
@@ -50,12 +52,14 @@ def categorize(name: str) -> str:
 def pretraining_step(config, device: str, batch: int, seqlen: int):
     model = MosaicBertForMaskedLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=device == "cuda")
-    ids = torch.randint(5, config.vocab_size, (batch, seqlen), device=device)
-    labels = torch.where(torch.rand(ids.shape, device=device) < 0.3, ids, -100)
+    ids = torch.randint(1000, 30522, (batch, seqlen), device=device)
+    # What the recipe's collator gives a packed batch: a mask of ones, token types of zeros, 30% of tokens labelled.
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+              "labels": torch.where(torch.rand(ids.shape, device=device) < 0.3, ids, -100)}
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -176,8 +180,11 @@ def main() -> None:
     if args.by_op:
         print_ops_by_device_time(step, sync, activities, args.steps)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    from runinfo import run_meta
+
     Path(args.out, "profile_step.json").write_text(json.dumps(
-        {"wall_ms": wall_ms, "busy_ms": busy, "categories": per_category, "kernels": per_kernel.most_common(60)},
+        {"meta": run_meta(device), "batch": args.batch, "seqlen": args.seqlen, "steps": args.steps,
+         "wall_ms": wall_ms, "busy_ms": busy, "categories": per_category, "kernels": per_kernel.most_common(60)},
         indent=1))
 
 

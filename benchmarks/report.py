@@ -1,0 +1,106 @@
+"""Markdown tables from the benchmarks' result files (what benchmarks/README.md pastes in after a run).
+
+    python benchmarks/report.py benchmarks/results/model_bench.json [benchmarks/results/recipe_bench.json ...]
+
+Each file is recognised by its content: model.py's (results per workload), recipe.py's (recipe, bare step and plain
+Trainer) and profile_step.py's (categories). Also used by those scripts to print their table last.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def _num(value, digits=0):
+    if value is None:
+        return "-"
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if abs(value) >= 1e4:
+        return f"{value / 1e3:,.0f}k"
+    return f"{value:,.{digits}f}"
+
+
+def _pct(value):
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def header(meta):
+    return (f"{meta.get('device_name', '?')} (driver {meta.get('driver') or '?'}), torch {meta.get('torch')}, "
+            f"triton {meta.get('triton')}, transformers {meta.get('transformers')}, commit "
+            f"{meta.get('commit') or 'unknown'} (code {meta.get('code_digest')}), {meta.get('date')}")
+
+
+def model_table(results):
+    meta = results["meta"]
+    lines = [f"Model benchmark: {header(meta)}; bf16 matmul ceiling {meta.get('peak_tflops', 0):.0f} TFLOP/s "
+             f"({meta.get('ceiling')}); {meta.get('rounds')} interleaved rounds.", "",
+             "| workload | model | samples/s | real tokens/s | MFU | ms/step (min-max) | GPU busy | host syncs/step "
+             "| ours / fastest peer, median (min-max) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for result in results["results"]:
+        workload = result["workload"]
+        desc = results["workloads"].get(workload, {}).get("desc", workload)
+        if result.get("skipped"):
+            lines.append(f"| {desc} | skipped: {result['skipped']} | | | | | | | |")
+            continue
+        comparison = result.get("comparison")
+        for row in result["rows"]:
+            name = row["contender"] + ("" if row.get("mask", True) else " (no attention_mask)")
+            if row.get("tokens_per_s") is None:
+                lines.append(f"| {desc} | {name} | {row.get('note', '-')} | | | | | | |")
+                continue
+            ratio = ""
+            if comparison and row["contender"] == "ours":
+                ratio = (f"**{comparison['ratio_median']:.2f}x** ({comparison['ratio_min']:.2f}-"
+                         f"{comparison['ratio_max']:.2f}) vs {comparison['peer']}")
+            syncs = row.get("syncs_per_step")
+            lines.append(
+                f"| {desc} | {name} | {_num(row['samples_per_s'])} | {_num(row['tokens_per_s'])} | "
+                f"{_pct(row.get('mfu'))} | {row['step_ms']:.1f} ({row['step_ms_min']:.1f}-{row['step_ms_max']:.1f}) | "
+                f"{_pct(row.get('gpu_busy'))} | {'-' if syncs is None else f'{syncs:.1f}'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def recipe_table(results):
+    meta = results["meta"]
+    lines = [f"Recipe benchmark: {header(meta)}; {results['setup']['desc']}.", "",
+             "| run | steady tokens/s | samples/s | ms/step | steps timed | note |", "|---|---:|---:|---:|---:|---|"]
+    for key in ("recipe", "bare", "plain_trainer"):
+        run = results["runs"].get(key)
+        if not run:
+            continue
+        if run.get("tokens_per_s") is None:
+            lines.append(f"| {run.get('label', key)} | {run.get('note', '-')} | | | | |")
+            continue
+        lines.append(f"| {run['label']} | {_num(run['tokens_per_s'])} | {_num(run['samples_per_s'])} | "
+                     f"{run['step_ms']:.1f} | {run.get('steps_timed', '-')} | {run.get('note', '')} |")
+    ratios = results.get("ratios", {})
+    if ratios:
+        lines.append("")
+        lines.append(", ".join(f"{name}: **{value:.2f}x**" for name, value in ratios.items() if value is not None))
+    return "\n".join(lines)
+
+
+def profile_table(results):
+    lines = [f"Step profile: {header(results.get('meta', {}))}; wall {results['wall_ms']:.1f} ms/step, device busy "
+             f"{results['busy_ms']:.1f} ms/step.", "", "| category | ms/step |", "|---|---:|"]
+    for name, ms in sorted(results["categories"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {ms:.2f} |")
+    return "\n".join(lines)
+
+
+def render(results):
+    if "runs" in results:
+        return recipe_table(results)
+    if "categories" in results:
+        return profile_table(results)
+    return model_table(results)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for path in sys.argv[1:]:
+        print(render(json.loads(Path(path).read_text())))
+        print()
