@@ -167,6 +167,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     return acc, l_i, m_i
 
 
+# Forward kernel: o_i and lse_i of one block of queries of one (sequence, head) by the math above, over the full
+# key blocks, then over the last, partial one with masking.
 @triton.jit(do_not_specialize=["num_m_blocks"])
 def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -273,6 +275,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
+# dK / dV kernel: dK_j and dV_j of one block of keys of one (sequence, head) by the math above, over the full
+# query blocks, then over the last, partial one with masking; the softmax scale multiplies dK once at the end.
 @triton.jit(do_not_specialize=["num_n_blocks"])
 def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -351,6 +355,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
     return dq
 
 
+# dQ kernel: dQ_i of one block of queries of one (sequence, head) by the math above, over the full key blocks,
+# then over the last, partial one with masking; the softmax scale multiplies dQ once at the end.
 @triton.jit(do_not_specialize=["num_m_blocks"])
 def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,

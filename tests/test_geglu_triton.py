@@ -104,7 +104,7 @@ def test_large_gates_saturate_without_overflow():
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_forward_and_backward_share_one_mask(p):
     """Backward regenerates the forward mask: dx equals the reference gradient under the mask seen in y."""
-    x, dy = random_inputs(64, 300, torch.float32, seed=11)
+    x, dy = random_inputs(16, 300, torch.float32, seed=11)
     torch.manual_seed(5)
     y, dx = run_kernel(x, dy, p)
     keep = dropout_mask(x.shape, p, torch_seed=5)
@@ -117,10 +117,10 @@ def test_dropout_forward_and_backward_share_one_mask(p):
 
 @pytest.mark.interpreter
 def test_dropout_keeps_the_expected_fraction_and_is_seeded():
-    p, n = 0.3, 64 * 512
-    first = dropout_mask((64, 1024), p, torch_seed=0)
-    again = dropout_mask((64, 1024), p, torch_seed=0)
-    other = dropout_mask((64, 1024), p, torch_seed=1)
+    p, n = 0.3, 16 * 512  # the GPU test below checks 1000 x 3072 elements to +-0.002
+    first = dropout_mask((16, 1024), p, torch_seed=0)
+    again = dropout_mask((16, 1024), p, torch_seed=0)
+    other = dropout_mask((16, 1024), p, torch_seed=1)
     kept = first.double().mean().item()
     assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # five standard deviations of a binomial
     assert torch.equal(first, again), "the same torch seed must give the same mask"
