@@ -9,6 +9,11 @@ in the backward pass. Here:
 * backward reads dy, x and residual once, recomputes z, and writes dx, dresidual and, per group of rows, float32
   partial sums of dweight and dbias that torch adds up afterwards (no atomics: the result is deterministic).
 
+x is the output of a projection (attention output, feed-forward output). Given that projection's bias as x_bias, the
+kernels add it to x themselves, LN(dropout(x + x_bias) + residual), and the backward pass sums its gradient (the column
+sums of dx) in the same partial-sum buffers, so the caller runs the projection without its bias and needs no separate
+reduction over dx for the bias gradient.
+
 The dropout mask is never stored: both passes regenerate it from a Philox seed (one int64 on the device, so no host
 synchronisation) and the element's index, four numbers per Philox call (triton_utils.keep_mask, shared with
 geglu_triton).
@@ -19,8 +24,8 @@ residual's, and dweight / dbias the parameters' own dtypes.
 
 Public API::
 
-    dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0) -> y
-    unsupported_reason(x, residual, weight, bias) -> str | None
+    dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, x_bias=None) -> y
+    unsupported_reason(x, residual, weight, bias, x_bias=None) -> str | None
 
 One program normalises a whole row, so hidden is limited to MAX_HIDDEN. The operations are PyTorch custom ops
 (`fwd_op` / `bwd_op`, ``torch.ops.<OP_NAMESPACE>.dropout_add_layer_norm_fwd`` / ``dropout_add_layer_norm_bwd``) with
@@ -49,19 +54,22 @@ ROW_GROUPS_PER_SM = 4  # backward programs per multiprocessor; each reduces dwei
 INTERPRET_ROW_GROUPS = 4  # backward programs in Triton's interpreter (small, so that tests exercise row groups)
 
 
-# Forward, per row t of H = hidden elements, with keep(t, j) entry j of keep_mask(Seed, p, t)   (keep = 1 if p = 0):
-#     z[j]    = x[t, j] * keep(t, j) / (1 - p) + residual[t, j]
+# Forward, per row t of H = hidden elements, with keep(t, j) entry j of keep_mask(Seed, p, t)   (keep = 1 if p = 0)
+# and xb the projection's bias x_bias (0 without one):
+#     z[j]    = (x[t, j] + xb[j]) * keep(t, j) / (1 - p) + residual[t, j]
 #     mean    = sum_j z[j] / H
 #     rstd    = 1 / sqrt(sum_j (z[j] - mean)^2 / H + eps)                                     (biased variance)
 #     y[t, j] = (z[j] - mean) * rstd * weight[j] + bias[j]
 # mean and rstd are saved (float32) for the backward pass. One program covers one row; the math runs in float32.
 @triton.jit
-def _ln_fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, hidden, stride_xt, stride_rt, stride_yt, eps, p,
-                   HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+def _ln_fwd_kernel(X, XB, R, W, B, Y, Mean, Rstd, Seed, hidden, stride_xt, stride_rt, stride_yt, eps, p,
+                   HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < hidden
     x = tl.load(X + row * stride_xt + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:
+        x += tl.load(XB + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         keep = keep_mask(Seed, p, row, BLOCK)
         x = tl.where(keep, x / (1.0 - p), 0.0)
@@ -80,24 +88,30 @@ def _ln_fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, hidden, stride_xt, stride_rt
 # g = weight * dy[t]:
 #     dz[j]   = rstd * (g[j] - mean_k(g[k]) - xhat[j] * mean_k(xhat[k] * g[k]))
 #     dresidual[t, j] = dz[j],   dx[t, j] = dz[j] * keep(t, j) / (1 - p)
-#     dweight[j] = sum_t dy[t, j] * xhat[j],   dbias[j] = sum_t dy[t, j]
-# Program i covers rows [i * rows_per_program, min((i + 1) * rows_per_program, tokens)), keeps its share of dweight and
-# dbias in float32 registers and writes it to row i of the (programs, hidden) buffers DWp and DBp. tokens and
-# rows_per_program change with the batch: not specialised on, so new token counts do not compile new variants.
+#     dweight[j] = sum_t dy[t, j] * xhat[j],   dbias[j] = sum_t dy[t, j],   dxb[j] = sum_t dx[t, j]
+# Program i covers rows [i * rows_per_program, min((i + 1) * rows_per_program, tokens)), keeps its share of dweight,
+# dbias (and dxb) in float32 registers and writes it to row i of the (programs, hidden) buffers DWp and DBp (and DXBp).
+# tokens and rows_per_program change with the batch: not specialised on, so new token counts do not compile new
+# variants.
 @triton.jit(do_not_specialize=["tokens", "rows_per_program"])
-def _ln_bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DX, DR, DWp, DBp, tokens, hidden, rows_per_program,
+def _ln_bwd_kernel(DY, X, XB, R, W, Mean, Rstd, Seed, DX, DR, DWp, DBp, DXBp, tokens, hidden, rows_per_program,
                    stride_dyt, stride_xt, stride_rt, stride_dxt, stride_drt, p,
-                   HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     group = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < hidden
     w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     db = tl.zeros((BLOCK,), dtype=tl.float32)
+    dxb = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_X_BIAS:
+        xb = tl.load(XB + cols, mask=in_row, other=0.0).to(tl.float32)
     row_start = group * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, tokens)
     for row in range(row_start, row_end):
         x = tl.load(X + row * stride_xt + cols, mask=in_row, other=0.0).to(tl.float32)
+        if HAS_X_BIAS:
+            x += xb
         if HAS_DROPOUT:
             keep = keep_mask(Seed, p, row, BLOCK)
             x = tl.where(keep, x / (1.0 - p), 0.0)
@@ -113,8 +127,12 @@ def _ln_bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DX, DR, DWp, DBp, tokens, hidd
         tl.store(DX + row * stride_dxt + cols, dz.to(DX.dtype.element_ty), mask=in_row)
         dw += dy * xhat
         db += dy
+        if HAS_X_BIAS:
+            dxb += dz
     tl.store(DWp + group * hidden + cols, dw, mask=in_row)
     tl.store(DBp + group * hidden + cols, db, mask=in_row)
+    if HAS_X_BIAS:
+        tl.store(DXBp + group * hidden + cols, dxb, mask=in_row)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,12 +143,14 @@ _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PARAMETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def unsupported_reason(x, residual, weight, bias) -> str | None:
+def unsupported_reason(x, residual, weight, bias, x_bias=None) -> str | None:
     """Why `dropout_add_layer_norm` cannot run on these inputs, or None. Checks metadata only (no synchronisation)."""
-    reason = tensors_reason(x=x, residual=residual, weight=weight, bias=bias)
+    parameters = {"weight": weight, "bias": bias} if x_bias is None else {"weight": weight, "bias": bias,
+                                                                          "x_bias": x_bias}
+    reason = tensors_reason(x=x, residual=residual, **parameters)
     for name, t in (("x", x), ("residual", residual)):
         reason = reason or dtype_reason(name, t, _ACTIVATION_DTYPES)
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in parameters.items():
         reason = reason or dtype_reason(name, t, _PARAMETER_DTYPES)
     if reason is not None:
         return reason
@@ -139,14 +159,16 @@ def unsupported_reason(x, residual, weight, bias) -> str | None:
     if residual.shape != x.shape:
         return f"residual shape {tuple(residual.shape)} does not match x shape {tuple(x.shape)}"
     hidden = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in parameters.items():
         if t.shape != (hidden,):
             return f"{name} must have shape ({hidden},) (hidden of x), got {tuple(t.shape)}"
     if not 1 <= hidden <= MAX_HIDDEN:
         return (f"hidden size {hidden} is not supported: one program normalises a whole row, so hidden must be in "
                 f"[1, {MAX_HIDDEN}]")
-    return (unit_stride_reason("x", x) or unit_stride_reason("residual", residual)
-            or contiguous_reason("weight", weight) or contiguous_reason("bias", bias))
+    reason = unit_stride_reason("x", x) or unit_stride_reason("residual", residual)
+    for name, t in parameters.items():
+        reason = reason or contiguous_reason(name, t)
+    return reason
 
 
 def _launch_config(hidden):
@@ -164,7 +186,8 @@ def _row_groups(tokens, device):
     return triton.cdiv(tokens, rows_per_program), rows_per_program
 
 
-def _forward(x, residual, weight, bias, eps, seed, p):
+def _forward(x, residual, weight, bias, eps, seed, p, x_bias=None):
+    """Returns y, and the float32 row mean and rstd."""
     tokens, hidden = x.shape
     y = new_output((tokens, hidden), x)
     mean = new_output((tokens,), x, torch.float32)
@@ -173,51 +196,60 @@ def _forward(x, residual, weight, bias, eps, seed, p):
         seed_ptr, has_dropout = seed_arg(seed, x)
         block, num_warps = _launch_config(hidden)
         _ln_fwd_kernel[(tokens,)](
-            x, residual, weight, bias, y, mean, rstd, seed_ptr, hidden, x.stride(0), residual.stride(0), y.stride(0),
-            eps, p, HAS_DROPOUT=has_dropout, BLOCK=block, num_warps=num_warps)
+            x, x if x_bias is None else x_bias, residual, weight, bias, y, mean, rstd, seed_ptr, hidden, x.stride(0),
+            residual.stride(0), y.stride(0), eps, p, HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=has_dropout,
+            BLOCK=block, num_warps=num_warps)
     return y, mean, rstd
 
 
-def _backward(dy, x, residual, weight, bias, mean, rstd, seed, p):
+def _backward(dy, x, residual, weight, bias, mean, rstd, seed, p, x_bias=None):
+    """Returns dx, dresidual, dweight, dbias and dx_bias (an empty tensor without x_bias)."""
     tokens, hidden = x.shape
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output(x.shape, x)
     dresidual = new_output(x.shape, residual)
+    no_x_bias = x.new_empty((0,))
     if not tokens:
-        return dx, dresidual, torch.zeros_like(weight), torch.zeros_like(bias)
+        dx_bias = no_x_bias if x_bias is None else torch.zeros_like(x_bias)
+        return dx, dresidual, torch.zeros_like(weight), torch.zeros_like(bias), dx_bias
     programs, rows_per_program = _row_groups(tokens, x.device)
     dweight_partial = new_output((programs, hidden), x, torch.float32)
     dbias_partial = new_output((programs, hidden), x, torch.float32)
+    dx_bias_partial = dbias_partial if x_bias is None else new_output((programs, hidden), x, torch.float32)
     seed_ptr, has_dropout = seed_arg(seed, x)
     block, num_warps = _launch_config(hidden)
     _ln_bwd_kernel[(programs,)](
-        dy, x, residual, weight, mean, rstd, seed_ptr, dx, dresidual, dweight_partial, dbias_partial, tokens, hidden,
-        rows_per_program, dy.stride(0), x.stride(0), residual.stride(0), dx.stride(0), dresidual.stride(0), p,
+        dy, x, x if x_bias is None else x_bias, residual, weight, mean, rstd, seed_ptr, dx, dresidual, dweight_partial,
+        dbias_partial, dx_bias_partial, tokens, hidden, rows_per_program, dy.stride(0), x.stride(0),
+        residual.stride(0), dx.stride(0), dresidual.stride(0), p, HAS_X_BIAS=x_bias is not None,
         HAS_DROPOUT=has_dropout, BLOCK=block, num_warps=num_warps)
-    return dx, dresidual, dweight_partial.sum(0).to(weight.dtype), dbias_partial.sum(0).to(bias.dtype)
+    dx_bias = no_x_bias if x_bias is None else dx_bias_partial.sum(0).to(x_bias.dtype)
+    return dx, dresidual, dweight_partial.sum(0).to(weight.dtype), dbias_partial.sum(0).to(bias.dtype), dx_bias
 
 
-def _fwd_fake(x, residual, weight, bias, eps, seed, p):
+def _fwd_fake(x, residual, weight, bias, eps, seed, p, x_bias=None):
     row_stats = x.new_empty((x.shape[0],), dtype=torch.float32)
     return x.new_empty(x.shape), row_stats, row_stats.new_empty(row_stats.shape)
 
 
-def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, seed, p):
-    return x.new_empty(x.shape), residual.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, seed, p, x_bias=None):
+    dx_bias = x.new_empty((0,)) if x_bias is None else x_bias.new_empty(x_bias.shape)
+    return (x.new_empty(x.shape), residual.new_empty(x.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape), dx_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, seed, p = inputs
+    x, residual, weight, bias, _eps, seed, p, x_bias = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed, x_bias)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.p = p
 
 
 def _backward_of_forward(ctx, dy, dmean, drstd):
-    x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-    dx, dresidual, dweight, dbias = bwd_op(dy, x, residual, weight, bias, mean, rstd, seed, ctx.p)
-    return dx, dresidual, dweight, dbias, None, None, None
+    x, residual, weight, bias, mean, rstd, seed, x_bias = ctx.saved_tensors
+    dx, dresidual, dweight, dbias, dx_bias = bwd_op(dy, x, residual, weight, bias, mean, rstd, seed, ctx.p, x_bias)
+    return dx, dresidual, dweight, dbias, None, None, None, None if x_bias is None else dx_bias
 
 
 # The custom ops, in this copy's own namespace (triton_utils.op_namespace: another copy of the code in the process
@@ -226,19 +258,19 @@ OP_NAMESPACE = op_namespace(__file__)
 fwd_op, bwd_op = define_ops(
     OP_NAMESPACE,
     ("dropout_add_layer_norm_fwd",
-     "(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, Tensor? seed, float p) "
-     "-> (Tensor, Tensor, Tensor)",  # y, mean, rstd
+     "(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, Tensor? seed, float p, "
+     "Tensor? x_bias=None) -> (Tensor, Tensor, Tensor)",  # y, mean, rstd
      _forward, _fwd_fake),
     ("dropout_add_layer_norm_bwd",
      "(Tensor dy, Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, Tensor? seed, "
-     "float p) -> (Tensor, Tensor, Tensor, Tensor)",  # dx, dresidual, dweight, dbias
+     "float p, Tensor? x_bias=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",  # dx, dres, dw, db, dx_bias
      _backward, _bwd_fake),
     _setup_context, _backward_of_forward)
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """LayerNorm(dropout(x) + residual) over the last dimension, with elementwise affine weight and bias.
+                           eps: float, dropout_p: float = 0.0, x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dimension, with elementwise affine weight and bias.
 
     x, residual: (tokens, hidden), float16 / bfloat16 / float32 (each its own) on CUDA, unit stride on the last
         dimension (any row stride); 1 <= hidden <= MAX_HIDDEN.
@@ -247,14 +279,17 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     dropout_p: probability of zeroing an element of x before the sum (kept elements are scaled by 1 / (1 - p)); the
         mask comes from torch's CUDA generator through one random seed per call, so torch.manual_seed makes it
         repeatable.
-    Returns y, (tokens, hidden), contiguous, dtype of x; differentiable in x, residual, weight and bias (gradients in
-    their own dtypes). Raises ValueError for inputs it cannot run.
+    x_bias: None (the default: LayerNorm(dropout(x) + residual)), or the bias of the projection that produced x,
+        (hidden,), contiguous, any float dtype: added to x before the dropout, and its gradient (the column sums of
+        dx) comes out of the backward kernel, so the caller computes x without the bias.
+    Returns y, (tokens, hidden), contiguous, dtype of x; differentiable in x, residual, weight, bias and x_bias
+    (gradients in their own dtypes). Raises ValueError for inputs it cannot run.
     """
-    reason = unsupported_reason(x, residual, weight, bias)
+    reason = unsupported_reason(x, residual, weight, bias, x_bias)
     if reason is not None:
         raise ValueError(reason)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     seed = dropout_seed(dropout_p, x.device)
-    y, _, _ = fwd_op(x, residual, weight, bias, float(eps), seed, float(dropout_p))
+    y, _, _ = fwd_op(x, residual, weight, bias, float(eps), seed, float(dropout_p), x_bias)
     return y

@@ -23,22 +23,25 @@ EPS = 1e-5
 
 
 def reference(inputs, dy: torch.Tensor, keep: torch.Tensor | None, p: float, eps: float = EPS):
-    """float64 y, row mean, row rstd and the gradients (dx, dresidual, dweight, dbias), on CPU."""
-    x, residual, weight, bias = (t.detach().cpu().double().requires_grad_() for t in inputs)
-    dropped = x if keep is None else x * keep.cpu().double() / (1 - p)
+    """float64 y, row mean, row rstd and the gradients (dx, dresidual, dweight, dbias[, dx_bias]), on CPU.
+    inputs: (x, residual, weight, bias) or (x, residual, weight, bias, x_bias)."""
+    leaves = tuple(t.detach().cpu().double().requires_grad_() for t in inputs)
+    x, residual, weight, bias = leaves[:4]
+    projected = x if len(leaves) == 4 else x + leaves[4]
+    dropped = projected if keep is None else projected * keep.cpu().double() / (1 - p)
     z = dropped + residual
     y = F.layer_norm(z, (x.shape[1],), weight, bias, eps)
-    grads = torch.autograd.grad(y, (x, residual, weight, bias), dy.cpu().double())
+    grads = torch.autograd.grad(y, leaves, dy.cpu().double())
     mean = z.detach().mean(1)
     rstd = ((z.detach() - mean[:, None]).square().mean(1) + eps).rsqrt()
     return y.detach(), mean, rstd, grads
 
 
 def run_kernel(inputs, dy: torch.Tensor, p: float = 0.0, eps: float = EPS):
-    """y and the four gradients of the public function, with poisoned outputs."""
+    """y and the gradients of the public function (one per input; a fifth input is x_bias), with poisoned outputs."""
     leaves = tuple(t.detach().requires_grad_() for t in inputs)
     with triton_utils.poisoned_outputs():
-        y = ln.dropout_add_layer_norm(*leaves, eps, p)
+        y = ln.dropout_add_layer_norm(*leaves[:4], eps, p, *leaves[4:])
         grads = torch.autograd.grad(y, leaves, dy)
     return y.detach(), grads
 
@@ -91,17 +94,19 @@ def assert_outputs_match(y, grads, inputs, dy, ref, bound):
     y_ref, _, _, grads_ref = ref
     x = inputs[0]
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
-    for grad, like in zip(grads, inputs):
+    for grad, like in zip(grads, inputs, strict=True):
         assert grad.shape == like.shape and grad.dtype == like.dtype
     assert rel_err(y, y_ref) < bound, "y"
     # A row of one element normalises to the bias: its x and residual gradients are zero, but rstd = 1 / sqrt(eps)
     # (316 here) multiplies g - mean(g), which the GPU computes with a fused multiply-add, so one rounding of g = w * dy
     # (2^-24 relative) can survive, times rstd (measured on an H100: 8e-6 at |g| = 0.9). No real layer is that
-    # narrow, and the bound still fails on any wrong term.
+    # narrow, and the bound still fails on any wrong term. The projection bias's gradient sums dx's residues.
     residue = (inputs[2].float()[None, :] * dy.float()).abs().cpu() * 2.0**-23 / EPS**0.5
-    for name, grad, grad_ref in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_ref):
+    allowed_residue = {"dx": residue, "dresidual": residue, "dx_bias": residue.sum(0)}
+    names = ("dx", "dresidual", "dweight", "dbias", "dx_bias")[:len(inputs)]
+    for name, grad, grad_ref in zip(names, grads, grads_ref, strict=True):
         if not (grad_ref.abs() > 1e-9).any():  # no rows, or hidden 1 (y = bias): no gradient (up to rounding)
-            allowed = residue if name in ("dx", "dresidual") else 1e-9
+            allowed = allowed_residue.get(name, 1e-9)
             assert (grad.cpu().abs() <= allowed + 1e-9).all(), name
         else:
             assert rel_err(grad, grad_ref) < bound, name
@@ -148,6 +153,46 @@ def test_mixed_activation_dtypes_give_each_gradient_its_input_dtype():
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, None, 0.0), 1e-2)
 
 
+def with_projection_bias(inputs, seed: int):
+    """inputs + (x_bias,): a random projection bias in the parameters' dtype."""
+    hidden, param_dtype = inputs[2].shape[0], inputs[2].dtype
+    x_bias = 0.5 * torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
+    return (*inputs, x_bias.to(dtype=param_dtype, device=DEVICE))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("tokens,hidden", [(11, 100), (3, 768), (1, 1), (0, 8)])
+@pytest.mark.parametrize("dtype,param_dtype,bound", DTYPES)
+def test_projection_bias_joins_x_before_dropout_and_gets_its_gradient(tokens, hidden, dtype, param_dtype, bound):
+    """x_bias (the bias of the projection that produced x) is added to x before the sum; its gradient, the column
+    sums of dx, comes out of the backward kernel's row groups (11 rows: unequal groups), in x_bias's dtype."""
+    inputs, dy = random_inputs(tokens, hidden, dtype, seed=tokens + 17 * hidden, param_dtype=param_dtype)
+    inputs = with_projection_bias(inputs, seed=hidden)
+    y, grads = run_kernel(inputs, dy)
+    assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, None, 0.0), bound)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_projection_bias_is_dropped_with_x_and_its_gradient_follows_the_mask(p):
+    """LN(dropout(x + x_bias) + residual): a dropped element loses its bias too, and contributes nothing to the bias
+    gradient."""
+    inputs, dy = random_inputs(11, 100, torch.float16, seed=21, param_dtype=torch.float32)
+    inputs = with_projection_bias(inputs, seed=22)
+    torch.manual_seed(6)
+    y, grads = run_kernel(inputs, dy, p)
+    keep = dropout_mask((11, 100), p, torch_seed=6)
+    assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, keep, p), 2e-3)
+
+
+@pytest.mark.interpreter
+def test_without_projection_bias_the_op_returns_an_empty_bias_gradient():
+    (x, residual, weight, bias), dy = random_inputs(5, 24, torch.float32, seed=23)
+    _, mean, rstd = ln.fwd_op(x, residual, weight, bias, EPS, None, 0.0)
+    *_, dx_bias = ln.bwd_op(dy, x, residual, weight, bias, mean, rstd, None, 0.0)
+    assert dx_bias.shape == (0,)
+
+
 @pytest.mark.interpreter
 def test_zero_tokens_give_empty_outputs_and_zero_parameter_gradients():
     inputs, dy = random_inputs(0, 16, torch.float16, seed=0, param_dtype=torch.float32)
@@ -185,10 +230,10 @@ def test_constant_rows_normalise_to_bias_without_nan():
 def test_dropout_forward_and_backward_share_one_mask(p):
     """Backward regenerates the forward mask: every gradient equals the reference under the mask seen in the
     forward pass."""
-    inputs, dy = random_inputs(37, 100, torch.float32, seed=11)
+    inputs, dy = random_inputs(11, 100, torch.float32, seed=11)  # interpreter: row groups of 3, 3, 3, 2
     torch.manual_seed(5)
     y, grads = run_kernel(inputs, dy, p)
-    keep = dropout_mask((37, 100), p, torch_seed=5)
+    keep = dropout_mask((11, 100), p, torch_seed=5)
     assert 0 < keep.double().mean() < 1
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, keep, p), 1e-5)
     # dropped elements of x get no gradient, while the residual gets dz everywhere
@@ -215,19 +260,19 @@ def test_dropout_on_rows_narrower_than_one_philox_draw(hidden):
 
 @pytest.mark.interpreter
 def test_dropout_in_half_precision_with_float32_parameters_matches_reference():
-    inputs, dy = random_inputs(37, 768, torch.float16, seed=12, param_dtype=torch.float32)
+    inputs, dy = random_inputs(11, 768, torch.float16, seed=12, param_dtype=torch.float32)
     torch.manual_seed(8)
     y, grads = run_kernel(inputs, dy, 0.2)
-    keep = dropout_mask((37, 768), 0.2, torch_seed=8)
+    keep = dropout_mask((11, 768), 0.2, torch_seed=8)
     assert_outputs_match(y, grads, inputs, dy, reference(inputs, dy, keep, 0.2), 2e-3)
 
 
 @pytest.mark.interpreter
 def test_dropout_keeps_the_expected_fraction_and_is_seeded():
-    p, n = 0.3, 64 * 1024
-    first = dropout_mask((64, 1024), p, torch_seed=0)
-    again = dropout_mask((64, 1024), p, torch_seed=0)
-    other = dropout_mask((64, 1024), p, torch_seed=1)
+    p, n = 0.3, 16 * 1024  # the GPU test below checks 4096 x 768 elements to +-0.002
+    first = dropout_mask((16, 1024), p, torch_seed=0)
+    again = dropout_mask((16, 1024), p, torch_seed=0)
+    other = dropout_mask((16, 1024), p, torch_seed=1)
     kept = first.double().mean().item()
     assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # five standard deviations of a binomial
     assert torch.equal(first, again), "the same torch seed must give the same mask"
@@ -255,11 +300,11 @@ def test_operators_pass_opcheck(with_dropout, residual_dtype):
     residual = residual.to(residual_dtype)
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE) if with_dropout else None
     p = 0.25 if with_dropout else 0.0
-    args = (x, residual, weight, bias, EPS, seed, p)
-    torch.library.opcheck(ln.fwd_op.default, args)
-    _, mean, rstd = ln.fwd_op(*args)
-    torch.library.opcheck(ln.bwd_op.default,
-                          (dy, x, residual, weight, bias, mean, rstd, seed, p))
+    for x_bias in (None, torch.randn(24, device=DEVICE)):
+        args = (x, residual, weight, bias, EPS, seed, p, x_bias)
+        torch.library.opcheck(ln.fwd_op.default, args)
+        _, mean, rstd = ln.fwd_op(*args)
+        torch.library.opcheck(ln.bwd_op.default, (dy, x, residual, weight, bias, mean, rstd, seed, p, x_bias))
 
 
 @pytest.mark.interpreter
@@ -291,6 +336,23 @@ def test_unsupported_reason_accepts_valid_inputs():
     assert ln.unsupported_reason(*valid_inputs()) is None
     x, residual, weight, bias = valid_inputs(hidden=ln.MAX_HIDDEN)
     assert ln.unsupported_reason(x.half(), residual.bfloat16(), weight.double(), bias.half()) is None
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("x_bias,fragment", [
+    (lambda d: torch.zeros(9, device=d), "x_bias must have shape"),
+    (lambda d: torch.zeros(8, dtype=torch.int64, device=d), "x_bias dtype"),
+    (lambda d: torch.zeros(16, device=d)[::2], "x_bias must be contiguous"),
+    (lambda d: torch.zeros(8, device="meta"), "x_bias is on meta"),
+    (lambda d: [0.0] * 8, "x_bias must be a torch.Tensor"),
+])
+def test_unsupported_projection_bias_is_explained(x_bias, fragment):
+    inputs = valid_inputs()
+    bad = x_bias(DEVICE)
+    reason = ln.unsupported_reason(*inputs, bad)
+    assert reason is not None and fragment in reason, reason
+    with pytest.raises(ValueError, match=fragment.split()[0]):
+        ln.dropout_add_layer_norm(*inputs, EPS, 0.0, bad)
 
 
 def test_tensors_on_a_device_the_kernels_cannot_reach_are_refused():
