@@ -194,7 +194,7 @@ def run_recipe(args, work):
     result = steady_state(clock, args.timed, real, shape[0], "recipe (scripts/pretrain.py)",
                           note=f"batch {shape[0]} x {shape[1]}, {real / batch['input_ids'].numel():.0%} real tokens")
     result.update(wall_s=round(wall, 1), argv=argv, batch_keys=sorted(batch),
-                  optimizer=type(trainer.optimizer).__name__)
+                  optim=str(trainer.args.optim))
     return result, trainer
 
 
@@ -288,7 +288,7 @@ def run_plain(args, work, recipe_workers):
     note = ("BertForMaskedLM, SDPA, torch_compile, bf16, adamw_torch_fused, DataCollatorForLanguageModeling 30%, "
             f"vocab {args.bert_vocab}") if cuda else "CPU smoke: eager, float32"
     result = steady_state(clock, args.timed, real, batch["input_ids"].shape[0], "plain transformers Trainer", note)
-    result.update(wall_s=round(wall, 1), batch_keys=sorted(batch), optimizer=type(trainer.optimizer).__name__)
+    result.update(wall_s=round(wall, 1), batch_keys=sorted(batch), optim=str(trainer.args.optim))
     return result
 
 

@@ -33,8 +33,8 @@ def header(meta):
 
 def model_table(results):
     meta = results["meta"]
-    lines = [f"Model benchmark: {header(meta)}; bf16 matmul ceiling {meta.get('peak_tflops', 0):.0f} TFLOP/s "
-             f"({meta.get('ceiling')}); {meta.get('rounds')} interleaved rounds.", "",
+    lines = [f"Model benchmark: {header(meta)}; matmul ceiling {meta.get('peak_tflops', 0):.0f} TFLOP/s "
+             f"({meta.get('ceiling')}, measured); {meta.get('rounds')} interleaved rounds.", "",
              "| workload | model | samples/s | real tokens/s | MFU | ms/step (min-max) | GPU busy | host syncs/step "
              "| ours / fastest peer, median (min-max) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
