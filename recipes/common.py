@@ -15,19 +15,19 @@ from . import CONFIGS_DIR, REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
-MODEL_CODE_FILES = (
-    "configuration_mosaic_bert.py",
-    "modeling_mosaic_bert.py",
-    "bert_padding.py",
-    "flash_attn_triton.py",
-    "geglu_triton.py",
-    "layernorm_triton.py",
-    "cross_entropy_triton.py",
-)
+# Dense bf16 peaks from NVIDIA's datasheets (TFLOP/s per GPU, without sparsity), for MFU when --peak-tflops is not
+# given. First match on the device name wins; NVL variants run at other clocks and get none.
+DATASHEET_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
 
-# Dense BF16 peak used for MFU when --peak-tflops is not given. 784 TFLOP/s is the bf16 matmul throughput measured on
-# the project's H100 (the datasheet says 989.4 for H100 SXM dense bf16; pass --peak-tflops 989.4 to use that).
-DEFAULT_PEAK_TFLOPS = {"H100": 784.0, "H200": 784.0, "A100": 312.0}
+
+def model_code_files() -> tuple[str, ...]:
+    """The root code files a saved model folder needs, as `save_pretrained` writes them for remote code: the
+    configuration and modeling modules and every module they import relatively."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    names = {"configuration_mosaic_bert.py", "modeling_mosaic_bert.py"}
+    names.update(Path(f).name for f in get_relative_import_files(str(REPO_ROOT / "modeling_mosaic_bert.py")))
+    return tuple(sorted(names))
 
 
 def import_model_code():
@@ -121,17 +121,39 @@ def default_peak_tflops() -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(0)
-    for key, val in DEFAULT_PEAK_TFLOPS.items():
-        if key in name:
-            return val
-    return None
+    if "NVL" in name:
+        return None
+    return next((peak for key, peak in DATASHEET_PEAK_TFLOPS if key in name), None)
+
+
+def register_code_for_save(model, auto_class: str) -> None:
+    """Make `model.save_pretrained` (and so every Trainer checkpoint) write the code files and an auto_map entry
+    for `auto_class`, as models loaded with trust_remote_code do, so that the folder loads on its own."""
+    type(model).register_for_auto_class(auto_class)
+    type(model.config).register_for_auto_class()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward. transformers >= 5.2x names it
+    `activation_checkpointing_enable` (`gradient_checkpointing_enable` is its deprecated alias); earlier 5.x releases
+    have only `gradient_checkpointing_enable`."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def activation_checkpointing_active(model) -> bool:
+    """Whether activation checkpointing is on (either transformers spelling, no deprecation warning)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def finalize_hub_folder(out: str | os.PathLike, tokenizer=None, auto_class: str | None = None):
     """Make a saved model folder loadable with trust_remote_code: code files present, auto_map in config.json,
     tokenizer files present."""
     out = Path(out)
-    for f in MODEL_CODE_FILES:
+    for f in model_code_files():
         if not (out / f).exists() and (REPO_ROOT / f).exists():
             shutil.copy2(REPO_ROOT / f, out / f)
     cfg_file = out / "config.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .common import MODEL_CODE_FILES, REPO_ROOT, import_model_code
+from .common import REPO_ROOT, import_model_code, model_code_files
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ TOKENIZER_FILES = (
 )
 
 # Weight files looked for in the source folder, safetensors first.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
 
 # Keys of an original (transformers BertConfig) config.json that mean nothing to MosaicBertConfig.
 ORIGINAL_ONLY_CONFIG_KEYS = (
@@ -85,6 +87,17 @@ WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
 
 class ConversionError(ValueError):
     """The source folder cannot be converted; the message says why."""
+
+
+@dataclass
+class ConversionOptions:
+    """The options of scripts/convert_original_checkpoint.py besides its SRC and DST folders."""
+
+    overwrite: bool = field(default=False, metadata={"help": "replace the contents of an existing DST"})
+    atol: float = field(default=1e-5, metadata={"help": "largest output difference accepted"})
+    verify: bool = field(default=True, metadata={
+        "help": "reload DST through its Auto class and compare its outputs with the original weights' (default: "
+                "on)"})
 
 
 @dataclass
@@ -214,7 +227,8 @@ def detect_head(keys, architectures=None) -> str:
         raise ConversionError(f"cannot tell the model from its keys (first keys: {sorted(keys)[:10]})")
     named = [h for h, (_, _, archs) in HEADS.items() if any(a in archs or a == HEADS[h][0] for a in architectures)]
     if named and head not in named and head != "bert_prefixed_base":
-        logger.warning("config.json names %s but the weights hold a %s head; converting the weights' head", architectures, head)
+        logger.warning("config.json names %s but the weights hold a %s head; converting the weights' head",
+                       architectures, head)
     return head
 
 
@@ -305,7 +319,8 @@ def compare_outputs(before: dict, after: dict) -> float:
     worst = 0.0
     for k in before:
         if before[k].shape != after[k].shape:
-            raise ConversionError(f"{k}: shape {tuple(after[k].shape)} after conversion, {tuple(before[k].shape)} before")
+            raise ConversionError(
+                f"{k}: shape {tuple(after[k].shape)} after conversion, {tuple(before[k].shape)} before")
         worst = max(worst, (before[k].double() - after[k].double()).abs().max().item())
     return worst
 
@@ -315,11 +330,8 @@ def compare_outputs(before: dict, after: dict) -> float:
 # --------------------------------------------------------------------------
 
 
-def convert_checkpoint(
-    src: str | Path, dst: str | Path, overwrite: bool = False, atol: float = 1e-5, verify: bool = True
-) -> ConversionReport:
-    """Converts the original MosaicBERT folder `src` into a folder `dst` of this package. See the module doc."""
-    src, dst = Path(src), Path(dst)
+def _read_original_config(src: Path, dst: Path, overwrite: bool) -> dict:
+    """The source folder's config.json, after checking the source and destination folders."""
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} has no config.json")
     if src.resolve() == dst.resolve():
@@ -333,35 +345,35 @@ def convert_checkpoint(
     model_type = original.get("model_type")
     if model_type not in ("bert", "mosaic_bert", None):
         raise ConversionError(f"{src / 'config.json'} has model_type {model_type!r}; expected 'bert' (MosaicBERT)")
+    return original
 
-    state, weights_path, stripped = load_original_state_dict(src)
+
+def _build_converted_model(original: dict, state: dict) -> tuple:
+    """(model with the weights loaded, head, dropped keys, dtype to save in) from the original config and weights."""
     head = detect_head(state, original.get("architectures"))
     if head == "bert_prefixed_base":  # a bare encoder saved under a `bert.` attribute
         state = {k[len("bert.") :]: v for k, v in state.items()}
         head = "base"
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     save_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-
     config = build_config(original, head, state)
     _, modeling = import_model_code()
-    class_name, auto_name, _ = HEADS[head]
-    model_class = getattr(modeling, class_name)
-    model = model_class(config).eval()
+    model = getattr(modeling, HEADS[head][0])(config).eval()
     to_load, dropped = match_state_dict(model, state)
     model.load_state_dict(to_load, strict=False)  # completeness was checked above; the tied decoder is not loaded
     if config.tie_word_embeddings and head == "masked_lm":
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model, head, dropped, save_dtype
 
-    batch = verification_batch(config, head)
-    with torch.no_grad():
-        before = _output_tensors(model(**batch))
 
+def _write_converted_folder(model, save_dtype, src: Path, dst: Path) -> list[str]:
+    """Weights, config, the current code files and the source's tokenizer files into dst; returns the files copied
+    from the source."""
     dst.mkdir(parents=True, exist_ok=True)
     model.to(save_dtype).save_pretrained(str(dst), safe_serialization=True)
+    for name in model_code_files():  # the current code, whatever save_pretrained picked up
+        shutil.copy2(REPO_ROOT / name, dst / name)
     copied = []
-    for name in MODEL_CODE_FILES:  # the current code, whatever save_pretrained picked up
-        if (REPO_ROOT / name).is_file():
-            shutil.copy2(REPO_ROOT / name, dst / name)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
@@ -369,28 +381,41 @@ def convert_checkpoint(
     for stale in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
         if (dst / stale).exists():
             (dst / stale).unlink()
+    return copied
 
-    report = ConversionReport(
-        head=head,
-        model_class=class_name,
-        weights_file=str(weights_path),
-        stripped_prefix=stripped,
-        dropped_keys=dropped,
-        copied_files=copied,
-    )
+
+def _verify_converted_folder(dst: Path, head: str, batch: dict, before: dict, atol: float) -> float:
+    """Reload dst through its Auto class with trust_remote_code; the largest output difference from `before`."""
+    import transformers
+
+    auto = getattr(transformers, HEADS[head][1])
+    reloaded = auto.from_pretrained(str(dst), trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        after = _output_tensors(reloaded(**batch))
+    diff = compare_outputs(before, after)
+    if diff > atol:
+        raise ConversionError(
+            f"the converted folder {dst} gives outputs {diff:.3g} away from the original weights (allowed {atol})"
+        )
+    return diff
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, overwrite: bool = False, atol: float = 1e-5, verify: bool = True
+) -> ConversionReport:
+    """Converts the original MosaicBERT folder `src` into a folder `dst` of this package. See the module doc."""
+    src, dst = Path(src), Path(dst)
+    original = _read_original_config(src, dst, overwrite)
+    state, weights_path, stripped = load_original_state_dict(src)
+    model, head, dropped, save_dtype = _build_converted_model(original, state)
+    batch = verification_batch(model.config, head)
+    with torch.no_grad():
+        before = _output_tensors(model(**batch))
+    copied = _write_converted_folder(model, save_dtype, src, dst)
+    report = ConversionReport(head=head, model_class=HEADS[head][0], weights_file=str(weights_path),
+                              stripped_prefix=stripped, dropped_keys=dropped, copied_files=copied)
     if verify:
-        import transformers
-
-        auto = getattr(transformers, auto_name)
-        reloaded = auto.from_pretrained(str(dst), trust_remote_code=True, dtype=torch.float32).eval()
-        with torch.no_grad():
-            after = _output_tensors(reloaded(**batch))
-        report.max_abs_diff = compare_outputs(before, after)
-        if report.max_abs_diff > atol:
-            raise ConversionError(
-                f"the converted folder {dst} gives outputs {report.max_abs_diff:.3g} away from the original weights "
-                f"(allowed {atol})"
-            )
+        report.max_abs_diff = _verify_converted_folder(dst, head, batch, before, atol)
     logger.info(
         "converted %s (%s head, prefix %r stripped, dropped %s) into %s; max |difference| %.3g",
         weights_path, head, stripped, dropped, dst, report.max_abs_diff,
@@ -398,4 +423,7 @@ def convert_checkpoint(
     return report
 
 
-__all__ = ["ConversionError", "ConversionReport", "convert_checkpoint", "load_weights_file", "detect_head"]
+__all__ = [
+    "ConversionError", "ConversionOptions", "ConversionReport", "convert_checkpoint", "load_weights_file",
+    "detect_head",
+]

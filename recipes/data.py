@@ -10,15 +10,16 @@ import bz2
 import csv
 import gzip
 import hashlib
+import io
 import json
 import logging
 import lzma
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,22 +65,28 @@ def expand_text_files(paths: Sequence[str | os.PathLike] | None) -> list[Path]:
     return files
 
 
-def open_text(path: Path):
+def open_text(path: Path, raw=None):
+    """A text stream over `path` (plain, .xz/.lzma, .gz, .bz2); `raw`, when given, is the file's already opened binary
+    stream, so that the caller can follow how much of the (compressed) file has been read."""
     name = str(path).lower()
+    source = raw if raw is not None else path
     if name.endswith(".xz") or name.endswith(".lzma"):
-        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+        return lzma.open(source, "rt", encoding="utf-8", errors="replace")
     if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        return gzip.open(source, "rt", encoding="utf-8", errors="replace")
     if name.endswith(".bz2"):
-        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "rt", encoding="utf-8", errors="replace")
+        return bz2.open(source, "rt", encoding="utf-8", errors="replace")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace") if raw is not None else open(
+        path, encoding="utf-8", errors="replace")
 
 
-def iter_documents(files: Iterable[Path]) -> Iterator[list[str]]:
-    """Yield documents as lists of paragraphs: one paragraph per line, a blank line ends a document."""
+def iter_documents(files: Iterable[Path], progress=None) -> Iterator[list[str]]:
+    """Yield documents as lists of paragraphs: one paragraph per line, a blank line ends a document. `progress`, a
+    tqdm bar whose total is the files' size in bytes, advances by the bytes read (compressed bytes for .xz etc.)."""
     for path in files:
-        doc: list[str] = []
-        with open_text(path) as f:
+        with open(path, "rb") as raw, open_text(path, raw) as f:
+            doc: list[str] = []
+            done = 0
             for line in f:
                 line = line.strip()
                 if line:
@@ -87,8 +94,18 @@ def iter_documents(files: Iterable[Path]) -> Iterator[list[str]]:
                 elif doc:
                     yield doc
                     doc = []
-        if doc:
-            yield doc
+                    if progress is not None:
+                        done = _advance(progress, raw, done)
+            if doc:
+                yield doc
+            if progress is not None:
+                _advance(progress, raw, done)
+
+
+def _advance(progress, raw, done: int) -> int:
+    position = raw.tell()
+    progress.update(position - done)
+    return position
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,8 +174,12 @@ def tokenize_and_pack(
     seq_len: int,
     batch_docs: int = 256,
     max_documents: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, dict]:
-    """Tokenize documents (paragraphs joined by a space) with the fast tokenizer in batches, then pack."""
+    """Tokenize documents (paragraphs joined by a space) with the fast tokenizer in batches, then pack. `progress`
+    shows a tqdm bar over the bytes of the files."""
+    from tqdm.auto import tqdm
+
     packer = Packer(seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
     n_docs = n_tokens = 0
     t0 = time.time()
@@ -175,14 +196,19 @@ def tokenize_and_pack(
             packer.add_document(ids)
         batch.clear()
 
-    for doc in iter_documents(files):
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenizing",
+               disable=not progress)
+    for doc in iter_documents(files, progress=bar):
         batch.append(" ".join(doc))
         n_docs += 1
         if len(batch) >= batch_docs:
             flush()
+            bar.set_postfix(documents=n_docs, tokens=n_tokens, refresh=False)
         if max_documents and n_docs >= max_documents:
             break
     flush()
+    bar.set_postfix(documents=n_docs, tokens=n_tokens, refresh=False)
+    bar.close()
     arr = packer.array()
     stats = {
         "documents": n_docs,
@@ -200,12 +226,14 @@ def load_or_build_packed(
     seq_len: int,
     cache_dir: str | os.PathLike | None = None,
     max_documents: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Packed token ids (n_samples, seq_len), from the on-disk cache when the same files/tokenizer/length were seen.
 
     The cache key hashes the files (names, sizes, first/last MiB), the tokenizer vocabulary and the sequence length;
     the array is stored as `.npy` (uint16 when the vocabulary fits) next to a `.json` with statistics.  Returns
-    (array, stats) where stats["cache_hit"] tells whether tokenization was skipped.
+    (array, stats) where stats["cache_hit"] tells whether tokenization was skipped. `progress`: a progress bar
+    while tokenizing.
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +256,7 @@ def load_or_build_packed(
         logger.info("Loaded %d packed samples from cache %s (no re-tokenization)", arr.shape[0], npy)
         return arr, stats
     logger.info("Tokenizing %d file(s) into %d-token samples (cache miss, key %s)", len(files), seq_len, key)
-    arr, stats = tokenize_and_pack(files, tokenizer, seq_len, max_documents=max_documents)
+    arr, stats = tokenize_and_pack(files, tokenizer, seq_len, max_documents=max_documents, progress=progress)
     stats["files"] = [str(f) for f in files]
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32
     tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
@@ -288,6 +316,8 @@ class MLMCollator:
 
     def _pad(self, seqs: list[torch.Tensor], value: int) -> torch.Tensor:
         n = max(len(s) for s in seqs)
+        if all(len(s) == n for s in seqs) and not (self.pad_to_multiple_of and n % self.pad_to_multiple_of):
+            return torch.stack(seqs)  # packed samples: nothing to pad
         if self.pad_to_multiple_of:
             n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = torch.full((len(seqs), n), value, dtype=torch.long)
@@ -416,7 +446,8 @@ class GlueTask:
 
 
 GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("cola", "CoLA", 3, None, 1, ("0", "1"), ("matthews_correlation",), header=False, hub_config="cola"),
+    "cola": GlueTask("cola", "CoLA", 3, None, 1, ("0", "1"), ("matthews_correlation",), header=False,
+                     hub_config="cola"),
     "sst2": GlueTask("sst2", "SST-2", "sentence", None, "label", ("0", "1"), ("accuracy",), hub_config="sst2"),
     "mrpc": GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), ("accuracy", "f1"),
                      hub_config="mrpc"),

@@ -15,10 +15,17 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from . import REPO_ROOT
 from .common import (
@@ -30,6 +37,7 @@ from .common import (
     is_main_process,
     load_config,
     load_tokenizer,
+    register_code_for_save,
     setup_logging,
     world_size,
     write_json,
@@ -75,36 +83,81 @@ def default_glue_dir() -> str | None:
 
 @dataclass
 class GlueOptions:
-    model: str | None = None  # fine-tune this checkpoint (MLM or classification folder)
-    random_init: str | None = None  # ...or a randomly initialised model of this preset (smoke tests)
-    tokenizer: str | None = None  # default: the model folder's tokenizer, else the repo root's
-    tasks: list[str] = field(default_factory=lambda: list(TASK_ORDER))
-    glue_dir: str | None = None  # official-layout folder; default $GLUE_DIR or ../shared/data/glue; "hub": datasets
-    seeds: list[int] = field(default_factory=lambda: [19])
-    init_from_mnli: str | None = None  # checkpoint for RTE/MRPC/STS-B, or "auto" (this run's MNLI model)
-    output_dir: str = "runs/mosaic-bert-glue"
-    max_seq_length: int = 256
-    learning_rate: float | None = None  # overrides of the per-task table (all tasks)
-    num_train_epochs: float | None = None
-    batch_size: int | None = None
-    weight_decay: float | None = None
-    weight_decay_mode: str = "decoupled"
-    warmup_ratio: float = 0.06
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-6
-    max_steps: int = -1
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_batch_size: int = 64
-    precision: str = "auto"
-    logging_steps: int = 50
-    save_models: bool = False  # keep each fine-tuned model (MNLI's is kept anyway when --init-from-mnli auto)
-    skip_missing: bool = True  # skip tasks whose data is unavailable instead of failing
-    dataloader_num_workers: int = 0
-    torch_compile: bool = False
-    disable_tqdm: bool | None = None
-    report_to: str = "none"
+    model: str | None = field(default=None, metadata={
+        "help": "checkpoint folder to fine-tune (a pretrained masked-LM or a classification model)"})
+    random_init: str | None = field(default=None, metadata={
+        "help": "fine-tune a randomly initialised model of this preset instead (tiny, small, base): smoke tests",
+        "metavar": "PRESET"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer folder; default: the model folder's tokenizer, else the repository root's"})
+    tasks: list[str] = field(default_factory=lambda: list(TASK_ORDER), metadata={
+        "help": "GLUE tasks (tasks without local training data are skipped)"})
+    glue_dir: str | None = field(default=None, metadata={
+        "help": "folder in the official GLUE layout; 'hub': nyu-mll/glue through `datasets` (network); default: "
+                "$GLUE_DIR, else ../shared/data/glue when it exists"})
+    seeds: list[int] = field(default_factory=lambda: [19], metadata={"help": "one fine-tuning run per seed"})
+    init_from_mnli: str | None = field(default=None, metadata={
+        "help": "start RTE, MRPC and STS-B from this MNLI checkpoint; 'auto': this run's MNLI model (first seed)",
+        "metavar": "CKPT|auto"})
+    output_dir: str = field(default="runs/mosaic-bert-glue", metadata={"help": "results (and models) go here"})
+    max_seq_length: int = field(default=256, metadata={"help": "longer inputs are truncated"})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "overrides the per-task learning rate (all tasks)", "aliases": ["--lr"]})
+    num_train_epochs: float | None = field(default=None, metadata={"help": "overrides the per-task epochs"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "overrides the per-task global batch size (divided among the processes)"})
+    weight_decay: float | None = field(default=None, metadata={
+        "help": "overrides the per-task weight decay (in --weight-decay-mode units)"})
+    weight_decay_mode: Literal["decoupled", "torch"] = field(default="decoupled", metadata={
+        "help": "decoupled: MosaicML's semantics (torch AdamW gets weight_decay / learning_rate); torch: as is"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "linear warm-up over this fraction of the steps"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon"})
+    max_steps: int = field(default=-1, metadata={"help": "stop each run after N steps (quick runs); -1: epochs"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "a random subset of the training set"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "a random subset of each dev set"})
+    eval_batch_size: int = field(default=64, metadata={"help": "per-device evaluation batch"})
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on GPUs that support it, else fp32"})
+    logging_steps: int = field(default=50, metadata={"help": "a training log line every N steps"})
+    save_models: bool = field(default=False, metadata={
+        "help": "keep every fine-tuned model (with its tokenizer) under <output-dir>/<task>/seed<N>/model"})
+    skip_missing: bool = field(default=True, metadata={
+        "help": "skip tasks whose training data is not available, instead of failing (default: on)"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "data loader processes"})
+    torch_compile: bool = field(default=False, metadata={"help": "compile the model with torch.compile"})
+    disable_tqdm: bool = field(default=False, metadata={"help": "no progress bars", "aliases": ["--no-progress-bar"]})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+
+    def __post_init__(self):
+        if self.model and self.random_init:
+            raise ValueError("pass either --model or --random-init, not both")
+
+
+@dataclass
+class MergeOptions:
+    _argument_group_name = "merging the results of separate runs (trains nothing)"
+
+    merge: list[str] = field(default_factory=list, metadata={
+        "help": "results.json files of separate runs (e.g. one process per task and seed) to merge into one "
+                "results.json + results.md in --output-dir; refuses runs that disagree on model, hyperparameters "
+                "or init, and a task's seed given twice", "metavar": "RESULTS_JSON"})
+    note: list[str] = field(default_factory=list, metadata={
+        "help": "with --merge: lines shown under the results table"})
+
+
+def glue_main(opts: GlueOptions, merging: MergeOptions) -> dict:
+    """What scripts/glue.py runs: merge results files (`merging.merge`), or fine-tune."""
+    if merging.merge:
+        if opts.model or opts.random_init:
+            raise ValueError("--merge trains nothing: leave out --model / --random-init")
+        results = merge_results(merging.merge, notes=merging.note)
+        print(write_results(results, opts.output_dir).read_text())
+        return results
+    if merging.note:
+        raise ValueError("--note goes with --merge")
+    return run_glue(opts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,7 +252,9 @@ def _load_model(opts: GlueOptions, task: str, init: str | None):
         config, _ = load_config(opts.random_init)
         for k, v in kw.items():
             setattr(config, k, v)
-        return modeling.MosaicBertForSequenceClassification(config)
+        model = modeling.MosaicBertForSequenceClassification(config)
+        register_code_for_save(model, "AutoModelForSequenceClassification")
+        return model
     raise ValueError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
 
 
@@ -229,49 +284,62 @@ def load_task_data(opts: GlueOptions, task: str, tokenizer) -> tuple[GlueDataset
     return train_ds, dev_ds
 
 
-def run_task_seed(opts: GlueOptions, task: str, seed: int, tokenizer, init: str | None, out_dir: Path,
-                  keep_model: bool, data: tuple | None = None) -> dict:
-    t = GLUE_TASKS[task]
-    train_ds, dev_ds = data if data is not None else load_task_data(opts, task, tokenizer)
-
+def task_training_arguments_kwargs(opts: GlueOptions, task: str, seed: int, n_train: int, out_dir: Path,
+                                   on_gpu: bool | None = None) -> dict:
+    """The TrainingArguments of one (task, seed) run as keywords: the task's recipe (or the overrides), fused AdamW
+    on GPUs, and no per-step read of the loss for the NaN/inf filter."""
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     r = _recipe(opts, task)
-    ws = world_size()
-    per_device = max(1, r.batch_size // ws)
-    prec = _precision(opts)
+    per_device = max(1, r.batch_size // world_size())
     if opts.max_steps and opts.max_steps > 0:
         total_steps = opts.max_steps
     else:
-        total_steps = math.ceil(r.epochs * math.ceil(math.ceil(len(train_ds) / ws) / per_device))
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=opts.eval_batch_size,
-        learning_rate=r.learning_rate,
+        total_steps = math.ceil(r.epochs * math.ceil(math.ceil(n_train / world_size()) / per_device))
+    prec = _precision(opts)
+    return dict(
+        output_dir=str(out_dir), per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=opts.eval_batch_size, learning_rate=r.learning_rate,
         weight_decay=torch_weight_decay(r.learning_rate, r.weight_decay, opts.weight_decay_mode),
-        adam_beta1=opts.adam_beta1,
-        adam_beta2=opts.adam_beta2,
-        adam_epsilon=opts.adam_epsilon,
-        optim="adamw_torch",
-        lr_scheduler_type="linear",
-        warmup_steps=int(round(opts.warmup_ratio * total_steps)),
-        num_train_epochs=r.epochs,
-        max_steps=opts.max_steps if opts.max_steps else -1,
-        bf16=prec == "bf16",
-        fp16=prec == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        data_seed=seed,
-        logging_steps=opts.logging_steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=opts.report_to,
-        disable_tqdm=opts.disable_tqdm,
-        dataloader_num_workers=opts.dataloader_num_workers,
-        torch_compile=opts.torch_compile,
-        remove_unused_columns=False,
+        adam_beta1=opts.adam_beta1, adam_beta2=opts.adam_beta2, adam_epsilon=opts.adam_epsilon,
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch", lr_scheduler_type="linear",
+        warmup_steps=int(round(opts.warmup_ratio * total_steps)), num_train_epochs=r.epochs,
+        max_steps=opts.max_steps if opts.max_steps else -1, bf16=prec == "bf16", fp16=prec == "fp16",
+        use_cpu=not on_gpu, seed=seed, data_seed=seed, logging_steps=opts.logging_steps,
+        logging_nan_inf_filter=False, eval_strategy="no", save_strategy="no", report_to=opts.report_to,
+        disable_tqdm=opts.disable_tqdm or None, dataloader_num_workers=opts.dataloader_num_workers,
+        dataloader_pin_memory=on_gpu, torch_compile=opts.torch_compile, remove_unused_columns=False,
     )
-    from transformers import set_seed
 
+
+def _evaluate_dev_sets(trainer, task: str, dev_ds: dict) -> dict:
+    """The task's metrics on its dev set(s): MNLI's mismatched set adds `<metric>_mm` keys."""
+    metric_names = GLUE_TASKS[task].metrics
+    result = {}
+    for stem, ds in dev_ds.items():
+        m = trainer.evaluate(ds, metric_key_prefix="eval")
+        metrics = {k[len("eval_"):]: v for k, v in m.items() if k[len("eval_"):] in metric_names}
+        if stem in ("dev", "dev_matched"):
+            result.update(metrics)
+            result["eval_loss"] = m.get("eval_loss")
+        else:  # MNLI mismatched
+            result.update({f"{k}_mm": v for k, v in metrics.items()})
+    result["score"] = glue_score(task, result)
+    return result
+
+
+def _save_model(trainer, tokenizer, folder: Path) -> None:
+    """The fine-tuned model with its tokenizer and code files: `pipeline(model=folder, trust_remote_code=True)`."""
+    trainer.save_model(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    finalize_hub_folder(folder, tokenizer)
+
+
+def run_task_seed(opts: GlueOptions, task: str, seed: int, tokenizer, init: str | None, out_dir: Path,
+                  keep_model: bool, data: tuple | None = None) -> dict:
+    """Fine-tune and evaluate one (task, seed); the result's metrics, losses, steps and sizes."""
+    train_ds, dev_ds = data if data is not None else load_task_data(opts, task, tokenizer)
+    args = TrainingArguments(**task_training_arguments_kwargs(opts, task, seed, len(train_ds), out_dir))
+    check_one_gpu_per_process(args)
     set_seed(seed)
     model = _load_model(opts, task, init)
 
@@ -279,30 +347,17 @@ def run_task_seed(opts: GlueOptions, task: str, seed: int, tokenizer, init: str 
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         return task_metrics(task, preds, eval_pred.label_ids)
 
-    check_one_gpu_per_process(args)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds,
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
                       processing_class=tokenizer, compute_metrics=compute)
     t0 = time.time()
     train_out = trainer.train()
-    runtime = time.time() - t0
     result = {"train_loss": train_out.training_loss, "steps": trainer.state.global_step,
-              "train_runtime_s": round(runtime, 1)}
-    for stem, ds in dev_ds.items():
-        m = trainer.evaluate(ds, metric_key_prefix="eval")
-        metrics = {k[len("eval_"):]: v for k, v in m.items() if k[len("eval_"):] in t.metrics}
-        if stem in ("dev", "dev_matched"):
-            result.update(metrics)
-            result["eval_loss"] = m.get("eval_loss")
-        else:  # MNLI mismatched
-            result.update({f"{k}_mm": v for k, v in metrics.items()})
-    result["score"] = glue_score(task, result)
+              "train_runtime_s": round(time.time() - t0, 1)}
+    result.update(_evaluate_dev_sets(trainer, task, dev_ds))
     if keep_model and trainer.is_world_process_zero():
-        model_dir = out_dir / "model"
-        trainer.save_model(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
-        finalize_hub_folder(model_dir, tokenizer)
-        result["model_dir"] = str(model_dir)
+        _save_model(trainer, tokenizer, out_dir / "model")
+        result["model_dir"] = str(out_dir / "model")
     result["n_train"], result["n_eval"] = len(train_ds), {k: len(v) for k, v in dev_ds.items()}
     del trainer, model
     if torch.cuda.is_available():
@@ -343,7 +398,8 @@ def results_markdown(results: dict, meta: dict) -> str:
             parts.append(f"{METRIC_LABELS[k]} {100 * r['mean'][k]:.2f} ± {100 * r['std'][k]:.2f}")
             if f"{k}_mm" in r["mean"]:
                 parts.append(f"{METRIC_LABELS[k]}-mm {100 * r['mean'][k + '_mm']:.2f}")
-        lines.append(f"| {GLUE_TASKS[t].folder} | {', '.join(parts)} | {100 * r['mean']['score']:.2f} | {len(r['seeds'])} |")
+        lines.append(f"| {GLUE_TASKS[t].folder} | {', '.join(parts)} | {100 * r['mean']['score']:.2f} | "
+                     f"{len(r['seeds'])} |")
     if results.get("average") is not None:
         lines.append(f"| **average** | over {results['average_over']} task(s) | **{100 * results['average']:.2f}** | |")
     lines += ["", "Score = the task's GLUE number (mean of its metrics; MNLI: matched accuracy).",
@@ -377,7 +433,38 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> Path:
     return md
 
 
+def _run_task(opts: GlueOptions, task: str, tokenizer, init: str | None, out: Path) -> dict:
+    """Every seed of one task: the per-seed results, their mean and std, the hyperparameters and the init."""
+    rec = _recipe(opts, task)
+    data = load_task_data(opts, task, tokenizer)  # tokenized once for all seeds
+    per_seed = {}
+    for i, seed in enumerate(opts.seeds):
+        if is_main_process():
+            print(f"[glue] {task} seed {seed}: lr {rec.learning_rate:g}, {rec.epochs:g} epochs, batch "
+                  f"{rec.batch_size}, wd {rec.weight_decay:g} ({opts.weight_decay_mode}), init {init or 'random'}")
+        keep = opts.save_models or (task == "mnli" and opts.init_from_mnli == "auto" and i == 0)
+        r = run_task_seed(opts, task, seed, tokenizer, init, out / task / f"seed{seed}", keep, data)
+        per_seed[str(seed)] = r
+        if is_main_process():
+            shown = {k: round(v, 4) for k, v in r.items() if k in GLUE_TASKS[task].metrics or k == "score"}
+            print(f"[glue] {task} seed {seed}: {shown}")
+    mean, std = summarize(per_seed)
+    return {"seeds": per_seed, "mean": mean, "std": std,
+            "hyperparameters": {**asdict(rec), "max_seq_length": opts.max_seq_length,
+                                "warmup_ratio": opts.warmup_ratio, "weight_decay_mode": opts.weight_decay_mode},
+            "init": init or f"random {opts.random_init}"}
+
+
+def _quick_run_limits(opts: GlueOptions) -> str | None:
+    limits = [f"max_train_samples={opts.max_train_samples}" if opts.max_train_samples else "",
+              f"max_eval_samples={opts.max_eval_samples}" if opts.max_eval_samples else "",
+              f"max_steps={opts.max_steps}" if opts.max_steps and opts.max_steps > 0 else "",
+              f"random init {opts.random_init}" if opts.random_init and not opts.model else ""]
+    return ", ".join(x for x in limits if x) or None
+
+
 def run_glue(opts: GlueOptions) -> dict:
+    """Fine-tune every task and seed of `opts`; writes results.json and results.md to opts.output_dir."""
     setup_logging()
     if not opts.model and not opts.random_init:
         raise ValueError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
@@ -390,53 +477,26 @@ def run_glue(opts: GlueOptions) -> dict:
         tok_src = opts.model
     tokenizer = load_tokenizer(tok_src)
     glue_dir = opts.glue_dir or default_glue_dir()
-    hw = hardware_description()
     t_start = time.time()
     results: dict = {"tasks": {}}
     mnli_ckpt = None if opts.init_from_mnli in (None, "auto") else opts.init_from_mnli
     for task in tasks:
-        t = GLUE_TASKS[task]
-        if glue_dir and glue_dir != "hub" and not (Path(glue_dir) / t.folder / "train.tsv").exists():
-            msg = f"no {t.folder}/train.tsv under {glue_dir}"
+        folder = GLUE_TASKS[task].folder
+        if glue_dir and glue_dir != "hub" and not (Path(glue_dir) / folder / "train.tsv").exists():
             if not opts.skip_missing:
-                raise FileNotFoundError(msg)
-            logger.warning("Skipping %s: %s", task, msg)
+                raise FileNotFoundError(f"no {folder}/train.tsv under {glue_dir}")
+            logger.warning("Skipping %s: no %s/train.tsv under %s", task, folder, glue_dir)
             results["tasks"][task] = {"skipped": "train data not available"}
             continue
-        init = opts.model
-        if task in MNLI_INIT_TASKS and mnli_ckpt:
-            init = mnli_ckpt
-        rec = _recipe(opts, task)
-        data = load_task_data(opts, task, tokenizer)  # tokenized once for all seeds
-        per_seed = {}
-        for i, seed in enumerate(opts.seeds):
-            if is_main_process():
-                print(f"[glue] {task} seed {seed}: lr {rec.learning_rate:g}, {rec.epochs:g} epochs, batch "
-                      f"{rec.batch_size}, wd {rec.weight_decay:g} ({opts.weight_decay_mode}), init {init or 'random'}")
-            keep = opts.save_models or (task == "mnli" and opts.init_from_mnli == "auto" and i == 0)
-            r = run_task_seed(opts, task, seed, tokenizer, init, out / task / f"seed{seed}", keep, data)
-            per_seed[str(seed)] = r
-            if is_main_process():
-                shown = {k: round(v, 4) for k, v in r.items() if k in t.metrics or k == "score"}
-                print(f"[glue] {task} seed {seed}: {shown}")
-            if task == "mnli" and opts.init_from_mnli == "auto" and i == 0:
-                mnli_ckpt = r.get("model_dir")
-        mean, std = summarize(per_seed)
-        results["tasks"][task] = {"seeds": per_seed, "mean": mean, "std": std,
-                                  "hyperparameters": {**asdict(rec), "max_seq_length": opts.max_seq_length,
-                                                      "warmup_ratio": opts.warmup_ratio,
-                                                      "weight_decay_mode": opts.weight_decay_mode},
-                                  "init": init or f"random {opts.random_init}"}
+        init = mnli_ckpt if task in MNLI_INIT_TASKS and mnli_ckpt else opts.model
+        results["tasks"][task] = _run_task(opts, task, tokenizer, init, out)
+        if task == "mnli" and opts.init_from_mnli == "auto":
+            mnli_ckpt = results["tasks"][task]["seeds"][str(opts.seeds[0])].get("model_dir")
     results["average"], results["average_over"] = glue_average(results)
-    limited = ", ".join(x for x in [
-        f"max_train_samples={opts.max_train_samples}" if opts.max_train_samples else "",
-        f"max_eval_samples={opts.max_eval_samples}" if opts.max_eval_samples else "",
-        f"max_steps={opts.max_steps}" if opts.max_steps and opts.max_steps > 0 else "",
-        f"random init {opts.random_init}" if opts.random_init and not opts.model else ""] if x)
-    meta = {"model": opts.model or f"random-init {opts.random_init}", "seeds": opts.seeds, "hardware": hw,
-            "glue_dir": glue_dir, "wall_time_s": round(time.time() - t_start, 1), "limited": limited or None,
-            "options": asdict(opts), "torch": torch.__version__}
-    results["meta"] = meta
+    results["meta"] = {"model": opts.model or f"random-init {opts.random_init}", "seeds": opts.seeds,
+                       "hardware": hardware_description(), "glue_dir": glue_dir,
+                       "wall_time_s": round(time.time() - t_start, 1), "limited": _quick_run_limits(opts),
+                       "options": asdict(opts), "torch": torch.__version__}
     if is_main_process():
         print(write_results(results, out).read_text())
     return results
@@ -459,16 +519,8 @@ def _unique(values) -> list:
     return out
 
 
-def merge_results(sources: Iterable[str | os.PathLike | dict], notes: Sequence[str] = ()) -> dict:
-    """Merge the results of separate `run_glue` runs (e.g. one process per task and seed) into one results dict of
-    the same format: per task the seeds of all runs, their mean and std (`summarize`), the hyperparameters and init;
-    the GLUE average; merged meta.  `sources` are results.json paths (or already loaded dicts); `notes` are lines
-    shown under the markdown table (`meta["notes"]`).
-
-    Refuses (ValueError) runs of different models, runs of one task that disagree on hyperparameters, init or quick-run
-    limits (max steps / samples), and a (task, seed) present in two runs.  A task skipped in one run but trained in
-    another counts as trained; a task only ever skipped stays marked skipped.
-    """
+def _load_results(sources: Iterable[str | os.PathLike | dict]) -> list[tuple[str, dict]]:
+    """(name, results dict) of each source, checked to be results of `run_glue` of one model."""
     loaded = []
     for i, src in enumerate(sources):
         if isinstance(src, dict):
@@ -480,7 +532,6 @@ def merge_results(sources: Iterable[str | os.PathLike | dict], notes: Sequence[s
         loaded.append((name, data))
     if not loaded:
         raise ValueError("nothing to merge: pass at least one results.json")
-
     first_name, first = loaded[0]
     model = first["meta"].get("model")
     for name, data in loaded[1:]:
@@ -488,7 +539,11 @@ def merge_results(sources: Iterable[str | os.PathLike | dict], notes: Sequence[s
         if _same_path(other) != _same_path(model):
             raise ValueError(f"runs of different models cannot be merged: {first_name} has model {model!r}, "
                              f"{name} has {other!r}")
+    return loaded
 
+
+def _pool_seeds(loaded: list[tuple[str, dict]]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per task, the seeds of all runs (refusing disagreeing settings and a seed given twice); and the tasks skipped."""
     merged_tasks: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for name, data in loaded:
@@ -512,7 +567,40 @@ def merge_results(sources: Iterable[str | os.PathLike | dict], notes: Sequence[s
                     raise ValueError(f"{task} seed {seed} appears twice: in {entry['seed_from'][seed]} and in {name}")
                 entry["seeds"][seed] = per_seed
                 entry["seed_from"][seed] = name
+    return merged_tasks, skipped
 
+
+def _merged_meta(loaded: list[tuple[str, dict]], seeds: set[int], notes: Sequence[str]) -> dict:
+    metas = [data["meta"] for _, data in loaded]
+    walls = [m["wall_time_s"] for m in metas if isinstance(m.get("wall_time_s"), (int, float))]
+    return {
+        "model": metas[0].get("model"),
+        "seeds": sorted(seeds),
+        "hardware": "; ".join(_unique(m.get("hardware") for m in metas)) or None,
+        "glue_dir": "; ".join(_unique(str(m["glue_dir"]) for m in metas if m.get("glue_dir"))) or None,
+        "wall_time_s": max(walls) if walls else None,  # the runs ran side by side: the longest one
+        "wall_time_s_sum": round(sum(walls), 1) if walls else None,
+        "limited": "; ".join(_unique(m.get("limited") for m in metas)) or None,
+        "notes": list(notes),
+        "torch": "; ".join(_unique(m.get("torch") for m in metas)) or None,
+        "merged_from": [{"source": name, "tasks": sorted(t for t, r in data["tasks"].items() if "seeds" in r),
+                         "seeds": data["meta"].get("seeds"), "wall_time_s": data["meta"].get("wall_time_s")}
+                        for name, data in loaded],
+    }
+
+
+def merge_results(sources: Iterable[str | os.PathLike | dict], notes: Sequence[str] = ()) -> dict:
+    """Merge the results of separate `run_glue` runs (e.g. one process per task and seed) into one results dict of
+    the same format: per task the seeds of all runs, their mean and std (`summarize`), the hyperparameters and init;
+    the GLUE average; merged meta.  `sources` are results.json paths (or already loaded dicts); `notes` are lines
+    shown under the markdown table (`meta["notes"]`).
+
+    Refuses (ValueError) runs of different models, runs of one task that disagree on hyperparameters, init or quick-run
+    limits (max steps / samples), and a (task, seed) present in two runs.  A task skipped in one run but trained in
+    another counts as trained; a task only ever skipped stays marked skipped.
+    """
+    loaded = _load_results(sources)
+    merged_tasks, skipped = _pool_seeds(loaded)
     results: dict = {"tasks": {}}
     all_seeds: set[int] = set()
     for task in TASK_ORDER:
@@ -526,20 +614,5 @@ def merge_results(sources: Iterable[str | os.PathLike | dict], notes: Sequence[s
         elif task in skipped:
             results["tasks"][task] = {"skipped": skipped[task]}
     results["average"], results["average_over"] = glue_average(results)
-    metas = [data["meta"] for _, data in loaded]
-    walls = [m["wall_time_s"] for m in metas if isinstance(m.get("wall_time_s"), (int, float))]
-    results["meta"] = {
-        "model": model,
-        "seeds": sorted(all_seeds),
-        "hardware": "; ".join(_unique(m.get("hardware") for m in metas)) or None,
-        "glue_dir": "; ".join(_unique(str(m["glue_dir"]) for m in metas if m.get("glue_dir"))) or None,
-        "wall_time_s": max(walls) if walls else None,  # the runs ran side by side: the longest one
-        "wall_time_s_sum": round(sum(walls), 1) if walls else None,
-        "limited": "; ".join(_unique(m.get("limited") for m in metas)) or None,
-        "notes": list(notes),
-        "torch": "; ".join(_unique(m.get("torch") for m in metas)) or None,
-        "merged_from": [{"source": name, "tasks": sorted(t for t, r in data["tasks"].items() if "seeds" in r),
-                         "seeds": data["meta"].get("seeds"), "wall_time_s": data["meta"].get("wall_time_s")}
-                        for name, data in loaded],
-    }
+    results["meta"] = _merged_meta(loaded, all_seeds, notes)
     return results

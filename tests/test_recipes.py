@@ -17,6 +17,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from transformers import TrainerCallback  # noqa: E402
+
 from recipes.data import (  # noqa: E402
     GLUE_TASKS,
     MLMCollator,
@@ -38,9 +40,15 @@ from recipes.glue import (  # noqa: E402
 from recipes.pretraining import (  # noqa: E402
     PretrainingOptions,
     TimeBudgetCallback,
+    build_training_arguments,
+    default_eval_steps,
+    eval_layout,
+    finish_pretraining,
+    prepare_pretraining,
     run_pretraining,
     schedule_factor,
     torch_weight_decay,
+    training_arguments_kwargs,
 )
 
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -115,6 +123,10 @@ def test_presets():
         128, 2, 2, 512)
     small, _ = load_config("small", {"num_hidden_layers": 6})
     assert small.hidden_size == 512 and small.num_hidden_layers == 6 and small.vocab_size == 30528
+    # the shipped checkpoint's shape is the preset of its name
+    shipped = json.loads((REPO / "checkpoints" / "mosaic-bert-wiki-small" / "config.json").read_text())
+    wiki_small = json.loads((REPO / "configs" / "mosaic-bert-wiki-small.json").read_text())
+    assert {k: shipped.get(k) for k in wiki_small} == wiki_small
 
 
 def test_weight_decay_conversion():
@@ -165,30 +177,33 @@ def pretrain_run(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("pretrain") / "run"
     env = dict(os.environ, MOSAIC_BERT_CACHE=str(cache_dir), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", "tiny", "--max-steps", "30",
-           "--learning-rate", "2e-3", "--per-device-batch-size", "8", "--max-seq-length", "64", "--logging-steps", "5", "--eval-steps", "15",
-           "--save-steps", "15", "--eval-samples", "32", "--output-dir", str(out), "--no-progress-bar"]
+           "--learning-rate", "2e-3", "--per-device-batch-size", "8", "--max-seq-length", "64", "--logging-steps", "5",
+           "--eval-steps", "15", "--save-steps", "15", "--eval-samples", "32", "--output-dir", str(out),
+           "--no-progress-bar"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc
 
 
 def test_pretraining_cli_run(pretrain_run):
+    from recipes.common import model_code_files
+
     out, proc = pretrain_run
     assert "global batch = 8 per device x 1 grad accum x 1 processes = 8" in proc.stdout
-    for f in ("config.json", "model.safetensors", "modeling_mosaic_bert.py", "configuration_mosaic_bert.py",
-              "bert_padding.py", "tokenizer.json", "tokenizer_config.json", "README.md", "train_results.json",
-              "log_history.json", "checkpoint-15", "checkpoint-30"):
+    for f in ("config.json", "model.safetensors", *model_code_files(), "tokenizer.json", "tokenizer_config.json",
+              "README.md", "train_results.json", "log_history.json", "checkpoint-15", "checkpoint-30"):
         assert (out / f).exists(), f
     facts = json.loads((out / "train_results.json").read_text())
-    assert facts["global_step"] == 30 and facts["tokens_seen"] == 30 * 8 * 64
+    assert facts["global_step"] == 30 and facts["tokens_seen"] == 30 * 8 * 64  # counted from the batch shape
     assert facts["torch_weight_decay"] == pytest.approx(1e-5 / 2e-3)
     hist = json.loads((out / "log_history.json").read_text())
     losses = [h["loss"] for h in hist if "loss" in h]
     assert losses[-1] < losses[0] - 1.0, losses  # the loss falls
     evals = [h["eval_loss"] for h in hist if "eval_loss" in h]
     assert len(evals) >= 2 and evals[-1] < evals[0]
+    assert [h["num_input_tokens_seen"] for h in hist if "loss" in h][-1] == 30 * 8 * 64
     assert any("tokens_per_second" in h for h in hist)
-    assert 0.0 <= facts["eval_mlm_accuracy"] <= 1.0
+    assert 0.0 <= facts["eval_mlm_accuracy"] <= 1.0 and facts["eval_samples"] == 32
     card = (out / "README.md").read_text()
     assert "tokens seen | 15,360" in card and "CC BY-SA" in card
     cfg = json.loads((out / "config.json").read_text())
@@ -196,16 +211,31 @@ def test_pretraining_cli_run(pretrain_run):
     assert cfg["hidden_size"] == 128 and cfg["vocab_size"] == 30528
 
 
-def test_pretrained_folder_reloads_with_fill_mask(pretrain_run):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+@pytest.mark.parametrize("folder", [".", "checkpoint-15"])
+def test_pretraining_outputs_load_with_pipeline_from_the_folder_alone(pretrain_run, folder):
+    """pipeline(model=folder) finds model, code and tokenizer in the output folder and in every checkpoint."""
+    from transformers import pipeline
+
+    out, _ = pretrain_run
+    fill = pipeline("fill-mask", model=str(out / folder), trust_remote_code=True)
+    assert type(fill.model).__name__ == "MosaicBertForMaskedLM"
+    preds = fill("The capital of France is [MASK].")
+    assert len(preds) == 5 and all("token_str" in p for p in preds)
+
+
+def test_pretraining_output_holds_every_weight_of_the_model(pretrain_run):
+    """The saved weights are the model's whole state dict (a pooler, when the model has one, included); only the
+    decoder, tied to the word embeddings, is stored once."""
+    from safetensors import safe_open
+    from transformers import AutoModelForMaskedLM
 
     out, _ = pretrain_run
     model = AutoModelForMaskedLM.from_pretrained(str(out), trust_remote_code=True)
-    assert type(model).__name__ == "MosaicBertForMaskedLM"
-    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
-    fill = pipeline("fill-mask", model=model, tokenizer=tok)
-    preds = fill("The capital of France is [MASK].")
-    assert len(preds) == 5 and all("token_str" in p for p in preds)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    tied = {"cls.predictions.decoder.weight"}
+    assert saved | tied == set(model.state_dict()) and not saved & tied
+    assert any(k.startswith("bert.pooler.") for k in saved) == (model.bert.pooler is not None)
 
 
 def test_resume_and_tokenization_cache(pretrain_run, cache_dir, tmp_path):
@@ -216,8 +246,8 @@ def test_resume_and_tokenization_cache(pretrain_run, cache_dir, tmp_path):
     mtime = caches[0].stat().st_mtime_ns
     new_out = tmp_path / "resumed"
     facts = run_pretraining(PretrainingOptions(
-        config="tiny", max_steps=30, learning_rate=2e-3, per_device_batch_size=8, max_seq_length=64, logging_steps=5, eval_steps=15,
-        save_steps=15, eval_samples=32, output_dir=str(new_out), resume=str(out / "checkpoint-15"),
+        config="tiny", max_steps=30, learning_rate=2e-3, per_device_batch_size=8, max_seq_length=64, logging_steps=5,
+        eval_steps=15, save_steps=15, eval_samples=32, output_dir=str(new_out), resume=str(out / "checkpoint-15"),
         cache_dir=str(cache_dir), disable_tqdm=True))
     assert facts["data_stats"]["train"]["cache_hit"] is True  # no re-tokenization
     assert caches[0].stat().st_mtime_ns == mtime
@@ -237,33 +267,56 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert schedule_factor(1.7, 0.06, 0.0) == 0.0  # past the end: the floor
 
 
-def test_step_schedule_follows_the_recipe_at_every_logged_step(tmp_path, cache_dir):
+@pytest.mark.parametrize("schedule_steps", [None, 50])
+def test_step_schedule_follows_the_recipe_at_every_logged_step(tmp_path, cache_dir, schedule_steps):
+    """The schedule runs over the run's 20 steps, or over --schedule-steps (a run stopped early in a longer plan)."""
     run_pretraining(PretrainingOptions(
-        config="tiny", max_steps=20, learning_rate=1e-3, warmup_ratio=0.1, min_lr_ratio=0.02, per_device_batch_size=4,
-        max_seq_length=32, eval_samples=4, logging_steps=1, save_steps=100_000, output_dir=str(tmp_path / "sched"),
-        cache_dir=str(cache_dir), disable_tqdm=True))
+        config="tiny", max_steps=20, schedule_steps=schedule_steps, learning_rate=1e-3, warmup_ratio=0.1,
+        min_lr_ratio=0.02, per_device_batch_size=4, max_seq_length=32, eval_samples=4, logging_steps=1,
+        save_steps=100_000, output_dir=str(tmp_path / "sched"), cache_dir=str(cache_dir), disable_tqdm=True))
     hist = json.loads((tmp_path / "sched" / "log_history.json").read_text())
     logged = {h["step"]: h["learning_rate"] for h in hist if "learning_rate" in h}
-    assert len(logged) >= 19
-    for step, lr in logged.items():  # the rate logged at step k is the one step k used: the schedule at (k - 1) / 20
-        assert lr == pytest.approx(1e-3 * schedule_factor((step - 1) / 20, 0.1, 0.02), rel=1e-6, abs=1e-12), step
+    assert sorted(logged) == list(range(1, 21))
+    length = schedule_steps or 20
+    for step, lr in logged.items():  # the rate logged at step k is the one step k used: the schedule at (k - 1) / N
+        assert lr == pytest.approx(1e-3 * schedule_factor((step - 1) / length, 0.1, 0.02), rel=1e-6, abs=1e-12), step
+
+
+class StepClock(TrainerCallback):
+    """A fake monotonic clock for the time budget: exactly one second passes at the start of every training step,
+    however fast the machine is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.now += 1.0
 
 
 def test_time_budget_stops_training_at_the_end_of_its_schedule(tmp_path, cache_dir):
-    facts = run_pretraining(PretrainingOptions(
-        config="tiny", max_steps=10_000, learning_rate=1e-3, per_device_batch_size=8, max_seq_length=64,
-        max_time_minutes=0.05, eval_samples=8, logging_steps=1, save_steps=100_000, output_dir=str(tmp_path / "budget"),
-        cache_dir=str(cache_dir), disable_tqdm=True))
-    assert facts["stopped_by_time_budget"] and 0 < facts["global_step"] < 10_000
-    assert (tmp_path / "budget" / "model.safetensors").exists()
-    rates = [h["learning_rate"] for h in json.loads((tmp_path / "budget" / "log_history.json").read_text())
-             if "learning_rate" in h]
-    # the schedule ran on the 3-second budget, not on the 10,000 steps: it reached its peak and decayed to its floor
-    assert max(rates) > 0.9e-3
-    assert rates[-1] < 0.1e-3
+    clock = StepClock()
+    out = tmp_path / "budget"
+    run = prepare_pretraining(PretrainingOptions(
+        config="tiny", max_steps=60, learning_rate=1e-3, per_device_batch_size=4, max_seq_length=32,
+        max_time_minutes=0.5, eval_samples=8, logging_steps=1, save_steps=100_000, output_dir=str(out),
+        cache_dir=str(cache_dir), disable_tqdm=True), clock=clock)
+    run.trainer.add_callback(clock)
+    facts = finish_pretraining(run)
+    # a 30-second budget at one second a step: it stops after step 30, not at the 60 steps asked for
+    assert facts["stopped_by_time_budget"] and facts["global_step"] == 30
+    assert (out / "model.safetensors").exists()
+    rates = {h["step"]: h["learning_rate"] for h in json.loads((out / "log_history.json").read_text())
+             if "learning_rate" in h}
+    assert sorted(rates) == list(range(1, 31))
+    # the schedule ran on the budget (30 s), not on the 60 steps: warmed up, then decayed to its floor by the end
+    for step, lr in rates.items():  # the rate step k used: the schedule at the budget spent before it, (k - 1) / 30
+        assert lr == pytest.approx(1e-3 * schedule_factor((step - 1) / 30, 0.06, 0.02), rel=1e-6, abs=1e-12), step
     # the checkpoint saved at the stop records the time spent, for a resumed run to continue the budget
-    record = tmp_path / "budget" / f"checkpoint-{facts['global_step']}" / TimeBudgetCallback.FILE
-    assert json.loads(record.read_text())["spent_seconds"] >= 3.0
+    record = out / "checkpoint-30" / TimeBudgetCallback.FILE
+    assert json.loads(record.read_text()) == {"spent_seconds": 30.0, "budget_seconds": 30.0}
 
 
 def test_time_budget_continues_from_the_time_a_checkpoint_recorded(tmp_path):
@@ -274,6 +327,86 @@ def test_time_budget_continues_from_the_time_a_checkpoint_recorded(tmp_path):
     assert resumed.spent_seconds == 45.0 and resumed.fraction == pytest.approx(0.75)
     assert TimeBudgetCallback.resumed(1.0, None).fraction == 0.0
     assert TimeBudgetCallback.resumed(1.0, str(tmp_path)).fraction == 0.0  # a checkpoint of a run without a budget
+
+
+# ------------------------------------------------------------------------------------------------ recipe settings
+
+
+@pytest.mark.parametrize("on_gpu", [True, False])
+def test_training_arguments_leave_the_training_step_without_host_syncs(on_gpu):
+    """What the recipe hands the Trainer: no per-step token counting or NaN filter (each reads a device value every
+    step), full batches only (static shapes), fused AdamW and pinned, non-blocking loader workers on GPUs."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    kw = training_arguments_kwargs(PretrainingOptions(), n_train=10_000, on_gpu=on_gpu)
+    assert set(kw) <= {f.name for f in fields(TrainingArguments)}
+    assert kw["include_num_input_tokens_seen"] == "no" and kw["logging_nan_inf_filter"] is False
+    assert kw["dataloader_drop_last"] is True
+    assert kw["logging_steps"] == 10 and kw["eval_strategy"] == "no"  # a short run: evaluated once, at the end
+    if on_gpu:
+        assert kw["optim"] == "adamw_torch_fused" and kw["per_device_train_batch_size"] == 128
+        assert kw["dataloader_num_workers"] == 4 and kw["dataloader_pin_memory"] and kw["dataloader_persistent_workers"]
+        assert kw["accelerator_config"] == {"non_blocking": True} and not kw["use_cpu"]
+    else:
+        assert kw["optim"] == "adamw_torch" and kw["dataloader_num_workers"] == 0 and kw["use_cpu"]
+    args = build_training_arguments(PretrainingOptions(max_steps=30_000))  # a valid TrainingArguments here (CPU)
+    assert args.include_num_input_tokens_seen == "no" and args.logging_nan_inf_filter is False
+    assert args.dataloader_drop_last and args.eval_strategy == "steps" and args.eval_steps == 3000
+
+
+def test_evaluation_defaults_scale_with_the_run():
+    assert default_eval_steps(None) is None and default_eval_steps(5) is None and default_eval_steps(1999) is None
+    assert default_eval_steps(2000) == 200 and default_eval_steps(100_000) == 10_000
+    assert PretrainingOptions().eval_samples == 256
+    # whole evaluation batches on every process: (samples, per-device batch)
+    assert eval_layout(10_000, 256, 128, 1) == (256, 128)
+    assert eval_layout(10_000, 256, 96, 2) == (192, 96)
+    assert eval_layout(50, 256, 128, 2) == (50, 25)
+    assert eval_layout(7, 256, 4, 2) == (6, 3)
+    assert eval_layout(1, 256, 4, 2) == (0, 1) and eval_layout(100, 0, 4, 1) == (0, 1)
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_command_line_is_the_options_dataclass():
+    from dataclasses import fields
+
+    cli = _script("pretrain")
+    assert cli.parse_args([]) == PretrainingOptions()
+    opts = cli.parse_args(["--config", "tiny", "--lr", "1e-3", "--max-steps", "7", "--train-files", "a.txt", "b",
+                           "--gradient-checkpointing", "--no-progress-bar", "--resume", "--precision", "bf16",
+                           "--max_time_minutes", "2.5"])
+    assert (opts.config, opts.learning_rate, opts.max_steps, opts.train_files) == ("tiny", 1e-3, 7, ["a.txt", "b"])
+    assert opts.activation_checkpointing and opts.disable_tqdm and opts.resume == "auto" and opts.precision == "bf16"
+    assert opts.max_time_minutes == 2.5
+    assert cli.parse_args(["--resume", "runs/x/checkpoint-5"]).resume == "runs/x/checkpoint-5"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--precision", "fp8"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--max-step", "7x"])
+    assert all(f.metadata.get("help") for f in fields(PretrainingOptions)), "every option has its help"
+
+
+def test_command_line_help_lists_each_option_once_with_the_examples_as_written():
+    from recipes.cli import build_parser
+    from recipes.pretraining import OPTION_GROUPS
+
+    cli = _script("pretrain")
+    text = build_parser(OPTION_GROUPS, cli.__doc__).format_help()
+    assert "  python scripts/pretrain.py --config tiny" in text  # the examples keep their lines
+    assert "--max_steps" not in text and text.count("--max-steps N") == 1
+    assert "(default: 0.0005)" in text and "(default: None)" not in text
+    for block in text.split("\n  --")[1:]:
+        assert block.count("default:") <= 1, block
 
 
 # ------------------------------------------------------------------------------------------------ GLUE
@@ -352,7 +485,10 @@ def test_glue_cli_mnli_chain_random_init(glue_dir, tmp_path):
     mnli = data["tasks"]["mnli"]["mean"]
     assert {"accuracy", "accuracy_mm"} <= set(mnli)
     assert data["tasks"]["rte"]["init"].endswith(str(Path("mnli") / "seed7" / "model"))
-    assert (out / "mnli" / "seed7" / "model" / "config.json").exists()
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(out / "mnli" / "seed7" / "model"), trust_remote_code=True)
+    assert classify("A cat sat on the mat.")[0]["label"] in ("entailment", "neutral", "contradiction")
 
 
 # ------------------------------------------------------------------------------------------------ merging GLUE runs
@@ -402,11 +538,7 @@ def test_glue_merge_results_files(tmp_path):
 
 def test_glue_merge_cli(tmp_path):
     """scripts/glue.py --merge writes results.json + results.md (called in-process: no training, no subprocess)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("glue_cli", REPO / "scripts" / "glue.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _script("glue")
     paths = []
     for i, run in enumerate([{"rte": {1: 0.5}}, {"rte": {2: 0.6}}, {"wnli": {1: 0.4}}]):
         paths.append(tmp_path / f"run{i}.json")

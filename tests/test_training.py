@@ -1,11 +1,16 @@
-"""Training behaviour: HF Trainer, gradient checkpointing."""
+"""Training behaviour: HF Trainer, activation (gradient) checkpointing."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
+from transformers import TrainingArguments
 
 from conftest import make_config, ragged_batch
+from recipes.common import activation_checkpointing_active, enable_activation_checkpointing
 from reference import Dims
 
 
@@ -48,7 +53,7 @@ def _collate(batch):
 
 
 def test_trainer_loss_falls_on_separable_task(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     torch.manual_seed(0)
     d = Dims(vocab_size=100, hidden_size=32, intermediate_size=64, num_labels=2)
@@ -108,8 +113,10 @@ def test_gradient_checkpointing_gives_same_gradients(cls_name):
     ref_grads, ref_loss = _grads(model, **inputs)
 
     assert model.supports_gradient_checkpointing
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current spelling, not the deprecated alias
+        enable_activation_checkpointing(model)
+    assert activation_checkpointing_active(model)
     model.train()
     calls = []
     hook = model.bert.encoder.layer[0].mlp.gated_layers.register_forward_hook(lambda *a: calls.append(1))
@@ -122,9 +129,10 @@ def test_gradient_checkpointing_gives_same_gradients(cls_name):
     assert set(ck_grads) == set(ref_grads)
     assert len(ref_grads) == len(list(model.parameters()))
     for n in ref_grads:
-        torch.testing.assert_close(ck_grads[n], ref_grads[n], atol=1e-10, rtol=1e-8, msg=lambda s: f"{n}: {s}")
+        torch.testing.assert_close(ck_grads[n], ref_grads[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n: f"{n}: {s}")
 
-    model.gradient_checkpointing_disable()
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    assert not activation_checkpointing_active(model)
     calls.clear()
     hook = model.bert.encoder.layer[0].mlp.gated_layers.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -134,8 +142,13 @@ def test_gradient_checkpointing_gives_same_gradients(cls_name):
     assert len(calls) == 1
 
 
+# transformers >= 5.2x: `activation_checkpointing`; earlier 5.x: `gradient_checkpointing` (now its deprecated alias)
+CHECKPOINTING_ARGUMENT = ("activation_checkpointing" if "activation_checkpointing" in
+                          {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
+
+
 def test_gradient_checkpointing_with_trainer_runs(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     d = Dims(vocab_size=100, num_labels=2)
     model = _m().MosaicBertForSequenceClassification(make_config(d))
@@ -146,14 +159,31 @@ def test_gradient_checkpointing_with_trainer_runs(tmp_path):
         report_to=[],
         use_cpu=True,
         save_strategy="no",
-        gradient_checkpointing=True,
         disable_tqdm=True,
+        **{CHECKPOINTING_ARGUMENT: True},
     )
     trainer = Trainer(model=model, args=args, train_dataset=_SeparableDataset(n=32), data_collator=_collate)
-    result = trainer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        result = trainer.train()
     assert result.global_step == 3
-    assert model.is_gradient_checkpointing
+    assert activation_checkpointing_active(model)
     assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_activation_checkpointing_helper_uses_the_old_spelling_where_only_it_exists():
+    """transformers releases before `activation_checkpointing_enable` have only `gradient_checkpointing_enable`."""
+
+    class OldModel:
+        def __init__(self):
+            self.kwargs = None
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    old = OldModel()
+    enable_activation_checkpointing(old)
+    assert old.kwargs == {"use_reentrant": False}
 
 
 def test_masked_lm_training_step_updates_tied_embedding_consistently():
