@@ -328,10 +328,16 @@ class PretrainingData:
 
 
 def eval_layout(available: int, wanted: int, batch_size: int, processes: int) -> tuple[int, int]:
-    """(held-out samples, per-device eval batch): whole batches on every process (the loader drops partial ones)."""
-    n = min(available, max(wanted, 0))
-    per_device = max(1, min(batch_size, n // max(processes, 1)))
-    return n - n % (per_device * processes), per_device
+    """(held-out samples, per-device eval batch): whole batches on every process, as the loader drops partial ones.
+    The batch is the largest divisor of the per-process share up to `batch_size`, so that no sample is dropped,
+    unless that divisor is under half the batch size; then the share is cut to whole batches of `batch_size`."""
+    share = min(available, max(wanted, 0)) // max(processes, 1)
+    if share == 0:
+        return 0, 1
+    cap = min(batch_size, share)
+    divisor = next(d for d in range(cap, 0, -1) if share % d == 0)
+    per_device = divisor if 2 * divisor >= cap else cap
+    return (share - share % per_device) * processes, per_device
 
 
 def _materialize_stream(ds: StreamingTextDataset, n: int) -> np.ndarray:

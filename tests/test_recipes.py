@@ -362,7 +362,9 @@ def test_evaluation_defaults_scale_with_the_run():
     assert PretrainingOptions().eval_samples == 256
     # whole evaluation batches on every process: (samples, per-device batch)
     assert eval_layout(10_000, 256, 128, 1) == (256, 128)
-    assert eval_layout(10_000, 256, 96, 2) == (192, 96)
+    assert eval_layout(10_000, 1000, 256, 1) == (1000, 250)  # every sample kept: a divisor close to the batch
+    assert eval_layout(10_000, 256, 96, 2) == (256, 64)
+    assert eval_layout(997, 1000, 256, 1) == (768, 256)  # a prime: whole batches of the batch size instead
     assert eval_layout(50, 256, 128, 2) == (50, 25)
     assert eval_layout(7, 256, 4, 2) == (6, 3)
     assert eval_layout(1, 256, 4, 2) == (0, 1) and eval_layout(100, 0, 4, 1) == (0, 1)
