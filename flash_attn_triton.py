@@ -126,6 +126,13 @@ def _program_block(CuSeqlens, num_heads, num_blocks):
     return pid % num_blocks, pid // num_blocks % num_heads, start, seqlen
 
 
+# Pointers to the (len(rows), HEAD_DIM) tile of one head at token rows `rows` of a packed (total_tokens, heads,
+# HEAD_DIM) tensor whose token and head strides are stride_t and stride_h.
+@triton.jit
+def _tile(Base, rows, head, stride_t, stride_h, offs_d):
+    return Base + rows[:, None] * stride_t + head * stride_h + offs_d[None, :]
+
+
 # Forward, for one block of queries i of one (sequence, head), in base-2 units:
 #   s_ij = (q_i . k_j) * scale * log2(e) - slope_h * log2(e) * |i - j|
 #   m_i  = max_j s_ij,  l_i = sum_j 2^(s_ij - m_i)       (online, block by block)
@@ -186,8 +193,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(_tile(Q, start + offs_m, head, stride_qt, stride_qh, offs_d), mask=row_ok[:, None], other=0.0)
     if HAS_ALIBI:
         neg_slope = -tl.load(Slopes + head * stride_sh).to(tl.float32) * 1.4426950408889634
     else:
@@ -208,8 +214,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
 
     acc = acc / l_i[:, None]
     tl.store(Lse + head * stride_lh + start + offs_m, m_i + tl.log2(l_i), mask=row_ok)
-    tl.store(Out + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_tile(Out, start + offs_m, head, stride_ot, stride_oh, offs_d), acc.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 # Backward preprocess:  delta_i = sum_d dO_id * O_id  (= sum_j P_ij dP_ij), per token
@@ -294,10 +300,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = (offs_n < seqlen)[:, None]
-    k = tl.load(K + (start + offs_n)[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-                mask=col_ok, other=0.0)
-    v = tl.load(V + (start + offs_n)[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                mask=col_ok, other=0.0)
+    k = tl.load(_tile(K, start + offs_n, head, stride_kt, stride_kh, offs_d), mask=col_ok, other=0.0)
+    v = tl.load(_tile(V, start + offs_n, head, stride_vt, stride_vh, offs_d), mask=col_ok, other=0.0)
     if HAS_ALIBI:
         neg_slope = -tl.load(Slopes + head * stride_sh).to(tl.float32) * 1.4426950408889634
     else:
@@ -318,10 +322,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
                              neg_slope, BLOCK_M, HAS_ALIBI, True)
 
     dk = dk * sm_scale
-    tl.store(DK + (start + offs_n)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + (start + offs_n)[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok)
+    tl.store(_tile(DK, start + offs_n, head, stride_dkt, stride_dkh, offs_d), dk.to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(_tile(DV, start + offs_n, head, stride_dvt, stride_dvh, offs_d), dv.to(DV.dtype.element_ty), mask=col_ok)
 
 
 # Backward for one block of queries i, looping over the key blocks j:
@@ -374,10 +376,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DOut + (start + offs_m)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q = tl.load(_tile(Q, start + offs_m, head, stride_qt, stride_qh, offs_d), mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile(DOut, start + offs_m, head, stride_dot, stride_doh, offs_d), mask=row_ok[:, None], other=0.0)
     lse = tl.load(Lse + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
     if HAS_ALIBI:
@@ -397,8 +397,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
                        BLOCK_N, HAS_ALIBI, True)
 
     dq = dq * sm_scale
-    tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_tile(DQ, start + offs_m, head, stride_dqt, stride_dqh, offs_d), dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------
