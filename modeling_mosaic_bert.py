@@ -15,9 +15,11 @@ labels together with the sequence lengths that unpadding needs (`read_batch`). T
 - torch.export / torch.onnx.export (`torch.compiler.is_exporting()`): no value checks and no unpadding. The layers run
   on every position of the padded batch, attention is scaled_dot_product_attention with the ALiBi bias of each
   sequence's real-token positions and a key-padding mask (`padded_attention`), and outputs are zeroed at padding.
-- torch.compile (`torch.compiler.is_compiling()`): the checks and the unpadding run as one custom operator,
-  `mosaic_bert::check_and_unpad`, whose sizes are unknown to the compiler (no guard on lengths, no recompile per
-  batch, no graph break); attention is the Triton kernel where it runs, else `padded_attention`.
+- torch.compile (`torch.compiler.is_compiling()`): the checks run as one custom operator, `mosaic_bert::check_batch`
+  (they still raise at run time; the compiler sees no value, so no guard on lengths, no recompile per batch, no graph
+  break), and the rows are sorted, not dropped: real tokens first, padding after, so that every shape follows the
+  padded batch's (`TokenLayout`, sorted). Attention is the Triton kernel where it runs (it reads the real rows
+  only), else `padded_attention`.
 - torch.jit.trace is refused: a trace would freeze one batch's unpadding.
 """
 
@@ -201,14 +203,18 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TokenLayout:
-    """Where the rows of the (tokens, hidden) tensors that the layers work on sit in the padded (batch, seqlen) batch.
+    """Where the rows of the (rows, hidden) tensors that the layers work on sit in the padded (batch, seqlen) batch.
 
-    mask: (batch, seqlen) bool, True on real tokens.
-    Unpadded (the default): the rows are the real tokens, sequence after sequence. indices: (tokens,) int64 flat
-    position of each row in (batch * seqlen); cu_seqlens: (batch + 1,) int32 sequence boundaries; max_seqlen: at
-    least the longest sequence; lengths: the sequence lengths on the host (None under torch.compile, which does not
-    read them).
-    Padded (while exporting): the rows are every position of the batch, tokens = batch * seqlen; indices is None.
+    mask: (batch, seqlen) bool, True on real tokens. cu_seqlens: (batch + 1,) int32 boundaries of the sequences,
+    whose real tokens are consecutive rows; max_seqlen: at least the longest sequence.
+    Three layouts:
+    - unpadded (eager): the rows are the real tokens, sequence after sequence. indices: (tokens,) int64 flat position
+      of each row in (batch * seqlen); lengths: the sequence lengths, read on the host with the input checks.
+    - sorted (torch.compile): the rows are every position of the batch, the real tokens first (as in the unpadded
+      layout), then the padding: indices is a (batch * seqlen,) permutation, real_rows (batch * seqlen,) bool marks the
+      first cu_seqlens[-1] rows. Shapes do not depend on the mask's values, so nothing is read on the host and
+      nothing recompiles; the fused kernels touch the real rows only.
+    - padded (export): the rows are the positions of the padded batch in order; indices is None.
     """
 
     mask: torch.Tensor
@@ -216,6 +222,7 @@ class TokenLayout:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     lengths: list[int] | None = None
+    real_rows: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -226,14 +233,24 @@ class TokenLayout:
         return self.mask.shape[1]
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
-        """(tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
+        """(rows, ...) -> (batch, seqlen, ...), zeros at padded positions."""
         if self.indices is None:
             padded = rows.view(self.batch_size, self.seqlen, *rows.shape[1:])
-            return padded * self.mask.view(*self.mask.shape, *([1] * (rows.dim() - 1))).to(rows.dtype)
-        return pad_input(rows, self.indices, self.batch_size, self.seqlen)
+        else:
+            padded = pad_input(rows, self.indices, self.batch_size, self.seqlen)
+            if self.real_rows is None:  # unpadded: the padded positions are zeros already
+                return padded
+        return torch.where(self.mask.view(*self.mask.shape, *([1] * (rows.dim() - 1))), padded, 0)
+
+    def only_real_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) with zeros in the rows that hold no real token (sorted layout; the same tensor otherwise).
+        Applied around the attention kernel, which neither reads nor writes those rows."""
+        if self.real_rows is None:
+            return rows
+        return torch.where(self.real_rows.view(-1, *([1] * (rows.dim() - 1))), rows, 0)
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """(batch, seqlen, ...) -> (tokens, ...)."""
+        """(batch, seqlen, ...) -> (rows, ...)."""
         if self.indices is None:
             return padded.flatten(0, 1)
         return index_first_axis(padded, self.indices)
@@ -243,13 +260,13 @@ class TokenLayout:
         return torch.cumsum(self.mask.to(torch.int64), dim=-1) - 1
 
     def first_token_states(self, rows: torch.Tensor) -> torch.Tensor:
-        """(tokens, hidden) -> (batch, hidden): each sequence's first real token; zeros for a row with no real token.
+        """(rows, hidden) -> (batch, hidden): each sequence's first real token; zeros for a row with no real token.
         Reads no value on the host (the row of a sequence with no token points at an appended zero row)."""
         has_tokens = self.mask.any(dim=-1)
         if self.indices is None:
             first = torch.argmax(self.mask.to(torch.int32), dim=-1)  # the first real position (0 in an empty row)
             rows_of_first = torch.arange(self.batch_size, device=rows.device) * self.seqlen + first
-            return rows.index_select(0, rows_of_first) * has_tokens[:, None].to(rows.dtype)
+            return torch.where(has_tokens[:, None], rows.index_select(0, rows_of_first), 0)
         with_zero_row = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
         rows_of_first = torch.where(has_tokens, self.cu_seqlens[:-1].to(torch.int64), rows.shape[0])
         return with_zero_row.index_select(0, rows_of_first)
@@ -413,7 +430,11 @@ class MosaicBertSelfAttention(nn.Module):
         explicit = output_attentions or implementation == "eager"
         probabilities = None
         if reason is None:
-            context = flash_attn_varlen_qkvpacked_func(qkv, layout.cu_seqlens, layout.max_seqlen, alibi_slopes=slopes)
+            context = layout.only_real_rows(
+                flash_attn_varlen_qkvpacked_func(
+                    layout.only_real_rows(qkv), layout.cu_seqlens, layout.max_seqlen, alibi_slopes=slopes
+                )
+            )
         elif implementation == "flash_attention_2":
             raise ValueError(f"attn_implementation='flash_attention_2' (the Triton kernel) cannot run here: {reason}")
         elif layout.lengths is None or output_attentions:
@@ -571,9 +592,9 @@ class Encoding:
     hidden_states: (tokens, hidden) last layer. layout: where those rows sit in the padded batch.
     all_hidden_states: embeddings and every layer, each (batch, seqlen, hidden), when asked.
     attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
-    labels: (tokens,) the token labels of the rows, when token labels were given.
-    labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order (None while exporting,
-    where no count can be read).
+    labels: (rows,) the token labels of the rows, when token labels were given (-100 on rows of padding).
+    labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order; None under torch.compile
+    and export, where no count is read.
     """
 
     hidden_states: torch.Tensor
@@ -717,10 +738,10 @@ def _op_registered(name: str) -> bool:
         return False
 
 
-if not _op_registered("check_and_unpad"):
+if not _op_registered("check_batch"):
 
-    @torch.library.custom_op("mosaic_bert::check_and_unpad", mutates_args=())
-    def check_and_unpad(
+    @torch.library.custom_op("mosaic_bert::check_batch", mutates_args=())
+    def check_batch(
         attention_mask: torch.Tensor,
         input_ids: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
@@ -729,26 +750,18 @@ if not _op_registered("check_and_unpad"):
         type_vocab_size: int,
         num_label_classes: int,
         labels_per_token: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`read_batch` then `unpad_rows` as one operator, for torch.compile: the compiler sees sizes it cannot
-        read (no guard on lengths, no recompile per batch, no graph break); at run time the checks raise as in eager.
-        Returns indices, cu_seqlens and labelled (see `unpad_rows`)."""
-        mask = attention_mask != 0
-        lengths, num_labelled = read_batch(
-            attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
-            labels_per_token,
-        )
-        return unpad_rows(mask, labels if labels_per_token else None, sum(lengths), num_labelled)
+    ) -> torch.Tensor:
+        """`read_batch` as an operator, for torch.compile: at run time the checks raise as in eager (one host
+        synchronisation), while the compiler sees an opaque call (no graph break, no guard on any value). Returns the
+        sorted layout's order: (batch * seqlen,) int64 flat positions, the real tokens first, then the padding."""
+        read_batch(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
+                   labels_per_token)
+        return torch.argsort((attention_mask == 0).flatten().to(torch.int8), stable=True)
 
-    @check_and_unpad.register_fake
+    @check_batch.register_fake
     def _(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
           labels_per_token):
-        ctx = torch.library.get_ctx()
-        device = attention_mask.device
-        indices = torch.empty(ctx.new_dynamic_size(), dtype=torch.int64, device=device)
-        cu_seqlens = torch.empty(attention_mask.shape[0] + 1, dtype=torch.int32, device=device)
-        labelled = torch.empty(ctx.new_dynamic_size(), dtype=torch.int64, device=device)
-        return indices, cu_seqlens, labelled
+        return attention_mask.new_empty(attention_mask.numel(), dtype=torch.int64)
 
 
 def _output_flags(config, output_attentions, output_hidden_states) -> dict:
@@ -869,9 +882,12 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         else:
             args = (attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size,
                     self.config.type_vocab_size, num_label_classes, labels_per_token)
-            if torch.compiler.is_compiling():
-                indices, cu_seqlens, labelled = torch.ops.mosaic_bert.check_and_unpad(*args)
-                layout = TokenLayout(mask, indices, cu_seqlens, max_seqlen=seqlen)
+            if torch.compiler.is_compiling():  # shapes that do not depend on values: the sorted layout
+                order = torch.ops.mosaic_bert.check_batch(*args)
+                cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+                real_rows = torch.arange(order.shape[0], device=order.device) < cu_seqlens[-1]
+                layout = TokenLayout(mask, order, cu_seqlens, max_seqlen=seqlen, real_rows=real_rows)
+                labelled = None
             else:
                 lengths, num_labelled = read_batch(*args)
                 indices, cu_seqlens, labelled = unpad_rows(mask, token_labels, sum(lengths), num_labelled)
@@ -921,18 +937,20 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, attn_implementation: str) -> torch.Tensor:
-    """Mean cross-entropy of the labelled tokens' (n_labelled, vocab) logits against their (n_labelled,) targets,
-    in float32 (float64 stays float64). Runs on the fused kernel where `kernel_policy_reason` allows (it reads the
-    half-precision logits once each way, where F.cross_entropy first copies them to float32), else on
-    F.cross_entropy. A batch with nothing labelled gives a zero loss (not NaN) that still reaches every head weight."""
-    if not targets.numel():
-        return upcast(logits).sum()
+    """Mean cross-entropy over the rows whose target is not -100: (rows, vocab) logits, (rows,) targets; float32
+    (float64 stays float64). Runs on the fused kernel where `kernel_policy_reason` allows (it reads the half-precision
+    logits once each way, where F.cross_entropy first copies them to float32), else on F.cross_entropy. The count
+    stays on the device (no synchronisation); with nothing labelled the loss is zero (not NaN) and still reaches every
+    head weight."""
+    count = (targets != -100).sum().clamp(min=1)
     if (
         kernel_policy_reason(attn_implementation, logits) is None
         and cross_entropy_unsupported_reason(logits, targets) is None
     ):
-        return cross_entropy(logits, targets).mean()
-    return F.cross_entropy(upcast(logits), targets)
+        losses = cross_entropy(logits, targets)
+    else:
+        losses = F.cross_entropy(upcast(logits), targets, reduction="none")
+    return losses.sum() / count
 
 
 class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
@@ -968,39 +986,35 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         """labels: (batch, seqlen) target ids, -100 where no prediction is wanted (and on every padded position).
         loss: mean cross-entropy over the labelled tokens.
 
-        logits: (batch, seqlen, vocab), zeros at padded positions, as in transformers' BERT; except in training with
-        labels (or with compact_logits=True), where the MLM transform and decoder run on the labelled tokens only and
-        logits is (num_labelled, vocab): one row per label other than -100, in (batch, position) order, so that
+        logits: (batch, seqlen, vocab), zeros at padded positions, as in transformers' BERT; except in eager training
+        with labels (or with compact_logits=True), where the MLM transform and decoder run on the labelled tokens only
+        and logits is (num_labelled, vocab): one row per label other than -100, in (batch, position) order, so that
         `logits.argmax(-1)` compares with `labels[labels != -100]`. compact_logits=False asks for the full shape in
-        training too.
+        training too. Compiled and exported graphs cannot size tensors by a count, so there the head runs on every
+        row and logits has the full shape.
         """
-        compact = self.training and labels is not None if compact_logits is None else compact_logits
-        if compact and labels is None:
+        if compact_logits and labels is None:
             raise ValueError("compact_logits=True keeps the rows of labelled tokens: it needs labels")
         encoding = self.bert.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
             labels=labels, num_label_classes=self.config.vocab_size, labels_per_token=True,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
+        if compact_logits and encoding.labelled is None:
+            raise ValueError("compact_logits=True needs the labelled count, which compiled or exported graphs lack")
+        compact = compact_logits if compact_logits is not None else self.training and encoding.labelled is not None
         implementation = attn_implementation_of(self.config)
         loss = None
         if labels is None:
             logits = encoding.pad(self.cls(encoding.hidden_states))
-        elif encoding.labelled is None:  # exporting: no count to gather with, the loss ignores -100 instead
-            if compact:
-                raise ValueError("compact_logits needs the labelled count, which an exported graph cannot read")
-            logits = self.cls(encoding.hidden_states)
-            loss = F.cross_entropy(upcast(logits), encoding.labels)
-            logits = encoding.pad(logits)
-        else:
+        elif compact:
             targets = encoding.labels.index_select(0, encoding.labelled)
-            if compact:
-                logits = self.cls(encoding.hidden_states.index_select(0, encoding.labelled))
-                loss = masked_lm_loss(logits, targets, implementation)
-            else:
-                logits = self.cls(encoding.hidden_states)
-                loss = masked_lm_loss(logits.index_select(0, encoding.labelled), targets, implementation)
-                logits = encoding.pad(logits)
+            logits = self.cls(encoding.hidden_states.index_select(0, encoding.labelled))
+            loss = masked_lm_loss(logits, targets, implementation)
+        else:
+            logits = self.cls(encoding.hidden_states)
+            loss = masked_lm_loss(logits, encoding.labels, implementation)
+            logits = encoding.pad(logits)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=encoding.all_hidden_states, attentions=encoding.attentions
         )
