@@ -33,8 +33,8 @@ SHELL_LANGS = {"bash", "sh", "shell"}
 SKIP_MARKER = re.compile(r"^#\s*(gpu\b.*|requires:.*)$", re.IGNORECASE)
 FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")
 # Generous: a 2-core CI machine shared with other jobs; these are the ceilings of a hung run, not expected times.
-PYTHON_TIMEOUT_S = 900
-SHELL_TIMEOUT_S = 900
+PYTHON_TIMEOUT_S = 600
+SHELL_TIMEOUT_S = 600
 
 
 @dataclass
