@@ -19,8 +19,9 @@ import reference as ref
 from conftest import REPO_ROOT, TOKENIZER_FILES, assert_close, build, make_config, ragged_batch, real_tokens
 from reference import Dims
 
-CODE_FILES = ("modeling_mosaic_bert.py", "configuration_mosaic_bert.py", "bert_padding.py", "flash_attn_triton.py",
-              "geglu_triton.py", "layernorm_triton.py", "cross_entropy_triton.py")
+# The package is the python files at the repository root; save_pretrained must write every one of them (the modeling
+# file and, through its relative imports, the others), or a Hub copy of a saved folder would miss a module.
+CODE_FILES = tuple(sorted(name for name in os.listdir(REPO_ROOT) if name.endswith(".py")))
 AUTO_CLASSES = (
     "AutoConfig",
     "AutoModel",
@@ -244,9 +245,11 @@ def test_original_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path):
 def test_original_checkpoint_loads_into_sequence_classifier_encoder(tmp_path):
     d = Dims()
     sd = _write_original_checkpoint(tmp_path, d)
-    model, info = _m().MosaicBertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True, num_labels=2)
+    model, info = _m().MosaicBertForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True, num_labels=2)
     missing = set(info["missing_keys"])
-    assert missing == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}, missing
+    new_head = {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    assert missing == new_head, missing
     torch.testing.assert_close(
         model.bert.encoder.layer[1].mlp.gated_layers.weight.double(), sd["bert.encoder.layer.1.mlp.gated_layers.weight"]
     )
@@ -262,7 +265,8 @@ _CACHE_SCRIPT = textwrap.dedent(
     from transformers import AutoModelForMaskedLM
     work, mode = sys.argv[1], sys.argv[2]
     kw = {"cache_dir": sys.argv[3]} if mode == "cache_dir" else {}
-    m = AutoModelForMaskedLM.from_pretrained("org/tiny-mosaic-bert", trust_remote_code=True, dtype=torch.float64, **kw).eval()
+    m = AutoModelForMaskedLM.from_pretrained(
+        "org/tiny-mosaic-bert", trust_remote_code=True, dtype=torch.float64, **kw).eval()
     inp = torch.load(work + "/inputs.pt")
     with torch.no_grad():
         out = m(**inp).logits
@@ -338,7 +342,8 @@ def test_repo_root_config_builds_tiny_model_via_auto_from_config():
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     cfg = AutoConfig.from_pretrained(
-        REPO_ROOT, trust_remote_code=True, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        REPO_ROOT, trust_remote_code=True, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64,
     )
     model = AutoModelForMaskedLM.from_config(cfg, trust_remote_code=True)
     assert type(model).__name__ == "MosaicBertForMaskedLM"
@@ -381,6 +386,9 @@ def test_fill_mask_pipeline_returns_top_k_predictions(tmp_path):
     assert res2[0][0]["token"] == target and res2[1][0]["token"] == target
 
 
+CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "mosaic-bert-wiki-small")
+
+
 def test_model_loads_and_runs_on_pytorch_when_triton_is_not_installed(tmp_path):
     """Triton is optional: with `import triton` failing, remote-code loading works and attention runs on PyTorch."""
     import subprocess
@@ -390,8 +398,7 @@ def test_model_loads_and_runs_on_pytorch_when_triton_is_not_installed(tmp_path):
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from transformers import AutoModelForMaskedLM\n"
-        f"m = AutoModelForMaskedLM.from_pretrained({os.path.join(REPO_ROOT, 'checkpoints', 'mosaic-bert-wiki-small')!r},"
-        " trust_remote_code=True)\n"
+        f"m = AutoModelForMaskedLM.from_pretrained({CHECKPOINT!r}, trust_remote_code=True)\n"
         "assert sys.modules[type(m).__module__].flash_attn_varlen_qkvpacked_func is None\n"
         "out = m(torch.tensor([[101, 2023, 103, 102]])).logits\n"
         "assert out.shape == (1, 4, 30528) and torch.isfinite(out).all()\n"
