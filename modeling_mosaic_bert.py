@@ -413,7 +413,7 @@ class MosaicBertSelfAttention(nn.Module):
         if self.training and self.dropout_p > 0:
             return "attention dropout is active"
         if layout.indices is None:
-            return "the batch is padded (export)"
+            return "the model is being exported (padded path), and the Triton kernel has no exported form"
         return kernel_policy_reason(attn_implementation_of(self.config), qkv) or unsupported_reason(
             *qkv.unbind(dim=1), layout.cu_seqlens, slopes
         )
