@@ -253,14 +253,14 @@ def _fsdp_config(opts: PretrainingOptions):
 
 
 def training_arguments_kwargs(opts: PretrainingOptions, n_train: int | None = None, eval_batch_size: int | None = None,
-                              iterable: bool = False, on_gpu: bool | None = None) -> dict:
+                              iterable: bool = False, on_gpu: bool | None = None, has_eval: bool = True) -> dict:
     """The recipe's TrainingArguments as keywords. Nothing in them makes the host wait for the GPU at each step:
     fused AdamW on GPUs; no Trainer token counting (`TokenThroughput` counts from the batch shape); no NaN/inf
     filter on the logged loss (it reads the loss every step; a NaN loss is logged as NaN instead); full batches only
     (static shapes); masking in pinned-memory loader workers on GPUs."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     bs = per_device_batch_size(opts, on_gpu)
-    eval_steps = opts.eval_steps or default_eval_steps(total_steps(opts, n_train, bs))
+    eval_steps = (opts.eval_steps or default_eval_steps(total_steps(opts, n_train, bs))) if has_eval else None
     workers = opts.dataloader_num_workers if opts.dataloader_num_workers is not None else (4 if on_gpu else 0)
     accelerator_config = {"non_blocking": True} if on_gpu else {}
     if iterable:  # each rank reads its own shard of the stream (see StreamingTextDataset)
@@ -287,8 +287,9 @@ def training_arguments_kwargs(opts: PretrainingOptions, n_train: int | None = No
 
 
 def build_training_arguments(opts: PretrainingOptions, n_train: int | None = None, eval_batch_size: int | None = None,
-                             iterable: bool = False) -> TrainingArguments:
-    return TrainingArguments(**training_arguments_kwargs(opts, n_train, eval_batch_size, iterable))
+                             iterable: bool = False, has_eval: bool = True) -> TrainingArguments:
+    return TrainingArguments(**training_arguments_kwargs(opts, n_train, eval_batch_size, iterable,
+                                                         has_eval=has_eval))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,10 +453,9 @@ def prepare_pretraining(opts: PretrainingOptions, clock: Clock = time.monotonic)
     tokenizer = load_tokenizer(opts.tokenizer)
     model, config_name = build_model(opts, tokenizer)
     data = load_pretraining_data(opts, tokenizer, build_training_arguments(opts))  # provisional args: rank order
-    args = build_training_arguments(opts, data.n_train, data.eval_batch_size, iterable=bool(opts.dataset))
+    args = build_training_arguments(opts, data.n_train, data.eval_batch_size, iterable=bool(opts.dataset),
+                                    has_eval=data.eval is not None)
     check_one_gpu_per_process(args)
-    if data.eval is None:
-        args.eval_strategy = "no"
     if is_main_process():
         _print_setup(opts, config_name, model, data, args)
     resume = _resume_checkpoint(opts)
