@@ -187,7 +187,7 @@ def run(options: ExportOptions) -> dict:
     """Export, check and (optionally) time; returns what it printed, as numbers."""
     if options.threads:
         torch.set_num_threads(options.threads)
-    tokenizer = AutoTokenizer.from_pretrained(options.model)
+    tokenizer = AutoTokenizer.from_pretrained(options.model, trust_remote_code=True)
     model = load_model(options.model, options.task)
     path = export_onnx(model, options.output, tokenizer_batch(tokenizer, 2, 16), options.opset)
     session = onnx_session(path, options.threads)

@@ -61,7 +61,7 @@ def checkpoint(tmp_path_factory) -> str:
 def tokenizer(checkpoint):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(checkpoint)
+    return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
 
 
 def load(checkpoint: str, auto_class: str, **kwargs) -> torch.nn.Module:
