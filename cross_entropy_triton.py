@@ -39,11 +39,11 @@ import triton
 import triton.language as tl
 
 try:  # loaded as Hub remote code, inside a package
-    from .triton_utils import (INTERPRET, contiguous_reason, define_ops, dtype_reason, new_output, op_namespace,  # noqa: I001
-                               tensors_reason, unit_stride_reason)
+    from .triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                               new_output, op_namespace, tensors_reason, unit_stride_reason)
 except ImportError:  # loaded from a folder on sys.path (tests, scripts)
-    from triton_utils import (INTERPRET, contiguous_reason, define_ops, dtype_reason, new_output, op_namespace,  # noqa: I001
-                              tensors_reason, unit_stride_reason)
+    from triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                              new_output, op_namespace, tensors_reason, unit_stride_reason)
 
 # Columns of a row per chunk: 16 elements per thread with 8 warps (num_warps = block / 512), i.e. two 16-byte loads
 # per thread in half precision (four in float32). The forward program pays two block-wide reductions (max and sum)
@@ -185,7 +185,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_of_forward(ctx, dlosses, dlse):
     logits, labels, lse = ctx.saved_tensors
-    return bwd_op(dlosses, logits, labels, lse, ctx.ignore_index), None, None
+    return backward_call(dlosses, logits, labels, lse, ctx.ignore_index), None, None
 
 
 # The custom ops, in this copy's own namespace (triton_utils.op_namespace: another copy of the code in the process
@@ -198,6 +198,9 @@ fwd_op, bwd_op = define_ops(
     ("cross_entropy_bwd", "(Tensor dlosses, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor",
      _backward, _bwd_fake),
     _setup_context, _backward_of_forward)
+# What the public functions call: the implementations directly in eager mode, the ops when traced.
+forward_call = autograd_or_op(fwd_op, _forward, _setup_context, _backward_of_forward)
+backward_call = eager_or_op(bwd_op, _backward)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -216,5 +219,5 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         raise ValueError(reason)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    losses, _ = fwd_op(logits, labels, ignore_index)
+    losses, _ = forward_call(logits, labels, ignore_index)
     return losses

@@ -59,11 +59,11 @@ import triton
 import triton.language as tl
 
 try:  # loaded as Hub remote code, inside a package
-    from .triton_utils import (INTERPRET, contiguous_reason, define_ops, dtype_reason, new_output, op_namespace,  # noqa: I001
-                               tensors_reason, unit_stride_reason)
+    from .triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                               new_output, op_namespace, tensors_reason, unit_stride_reason)
 except ImportError:  # loaded from a folder on sys.path (tests, scripts)
-    from triton_utils import (INTERPRET, contiguous_reason, define_ops, dtype_reason, new_output, op_namespace,  # noqa: I001
-                              tensors_reason, unit_stride_reason)
+    from triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                              new_output, op_namespace, tensors_reason, unit_stride_reason)
 
 LOG2E = 1.4426950408889634
 
@@ -548,7 +548,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_of_forward(ctx, dout, dlse):
     qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
-    dqkv = bwd_op(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes, ctx.softmax_scale)
+    dqkv = backward_call(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes, ctx.softmax_scale)
     return dqkv, None, None, None, None
 
 
@@ -566,6 +566,9 @@ fwd_op, bwd_op = define_ops(
      "float softmax_scale) -> Tensor",  # dqkv
      _backward, _bwd_fake),
     _setup_context, _backward_of_forward)
+# What the public functions call: the implementations directly in eager mode, the ops when traced.
+forward_call = autograd_or_op(fwd_op, _fwd_packed, _setup_context, _backward_of_forward)
+backward_call = eager_or_op(bwd_op, _backward)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
@@ -590,7 +593,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=N
         raise ValueError(reason)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(qkv.shape[-1])
-    out, _ = fwd_op(
+    out, _ = forward_call(
         qkv, cu_seqlens, max_seqlen, alibi_slopes, float(softmax_scale))
     return out
 

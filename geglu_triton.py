@@ -32,11 +32,11 @@ import triton
 import triton.language as tl
 
 try:  # loaded as Hub remote code, inside a package
-    from .triton_utils import (dropout_seed, dtype_reason, define_ops, keep_mask, new_output, op_namespace, seed_arg,  # noqa: I001
-                               tensors_reason, unit_stride_reason)
+    from .triton_utils import (autograd_or_op, define_ops, dropout_seed, dtype_reason, eager_or_op, keep_mask,  # noqa: I001
+                               new_output, op_namespace, seed_arg, tensors_reason, unit_stride_reason)
 except ImportError:  # loaded from a folder on sys.path (tests, scripts)
-    from triton_utils import (dropout_seed, dtype_reason, define_ops, keep_mask, new_output, op_namespace, seed_arg,  # noqa: I001
-                              tensors_reason, unit_stride_reason)
+    from triton_utils import (autograd_or_op, define_ops, dropout_seed, dtype_reason, eager_or_op, keep_mask,  # noqa: I001
+                              new_output, op_namespace, seed_arg, tensors_reason, unit_stride_reason)
 
 BLOCK = 1024  # columns of one row per program: 8 elements (16 bytes in half precision) per thread with 4 warps
 NUM_WARPS = 4
@@ -138,7 +138,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_of_forward(ctx, dy):
     x, seed = ctx.saved_tensors
-    return bwd_op(dy, x, seed, ctx.p), None, None
+    return backward_call(dy, x, seed, ctx.p), None, None
 
 
 # The custom ops, in this copy's own namespace (triton_utils.op_namespace: another copy of the code in the process
@@ -149,6 +149,9 @@ fwd_op, bwd_op = define_ops(
     ("geglu_fwd", "(Tensor x, Tensor? seed, float p) -> Tensor", _forward, _fwd_fake),
     ("geglu_bwd", "(Tensor dy, Tensor x, Tensor? seed, float p) -> Tensor", _backward, _bwd_fake),
     _setup_context, _backward_of_forward)
+# What the public functions call: the implementations directly in eager mode, the ops when traced.
+forward_call = autograd_or_op(fwd_op, _forward, _setup_context, _backward_of_forward)
+backward_call = eager_or_op(bwd_op, _backward)
 
 
 def geglu(x: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -162,4 +165,4 @@ def geglu(x: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     reason = unsupported_reason(x)
     if reason is not None:
         raise ValueError(reason)
-    return fwd_op(x, dropout_seed(dropout_p, x.device), float(dropout_p))
+    return forward_call(x, dropout_seed(dropout_p, x.device), float(dropout_p))

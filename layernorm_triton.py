@@ -43,11 +43,13 @@ import triton
 import triton.language as tl
 
 try:  # loaded as Hub remote code, inside a package
-    from .triton_utils import (INTERPRET, contiguous_reason, define_ops, dropout_seed, dtype_reason, keep_mask,  # noqa: I001
-                               new_output, op_namespace, seed_arg, tensors_reason, unit_stride_reason)
+    from .triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dropout_seed,  # noqa: I001
+                               dtype_reason, eager_or_op, keep_mask, new_output, op_namespace, seed_arg,
+                               tensors_reason, unit_stride_reason)
 except ImportError:  # loaded from a folder on sys.path (tests, scripts)
-    from triton_utils import (INTERPRET, contiguous_reason, define_ops, dropout_seed, dtype_reason, keep_mask,  # noqa: I001
-                              new_output, op_namespace, seed_arg, tensors_reason, unit_stride_reason)
+    from triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dropout_seed, dtype_reason,  # noqa: I001
+                              eager_or_op, keep_mask, new_output, op_namespace, seed_arg, tensors_reason,
+                              unit_stride_reason)
 
 MAX_HIDDEN = 8192  # one row per program: BLOCK = next power of two >= hidden columns live in registers
 ROW_GROUPS_PER_SM = 4  # backward programs per multiprocessor; each reduces dweight / dbias over its group of rows
@@ -248,7 +250,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_of_forward(ctx, dy, dmean, drstd):
     x, residual, weight, bias, mean, rstd, seed, x_bias = ctx.saved_tensors
-    dx, dresidual, dweight, dbias, dx_bias = bwd_op(dy, x, residual, weight, bias, mean, rstd, seed, ctx.p, x_bias)
+    dx, dresidual, dweight, dbias, dx_bias = backward_call(
+        dy, x, residual, weight, bias, mean, rstd, seed, ctx.p, x_bias)
     return dx, dresidual, dweight, dbias, None, None, None, None if x_bias is None else dx_bias
 
 
@@ -266,6 +269,9 @@ fwd_op, bwd_op = define_ops(
      "float p, Tensor? x_bias=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",  # dx, dres, dw, db, dx_bias
      _backward, _bwd_fake),
     _setup_context, _backward_of_forward)
+# What the public functions call: the implementations directly in eager mode, the ops when traced.
+forward_call = autograd_or_op(fwd_op, _forward, _setup_context, _backward_of_forward)
+backward_call = eager_or_op(bwd_op, _backward)
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -291,5 +297,5 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     seed = dropout_seed(dropout_p, x.device)
-    y, _, _ = fwd_op(x, residual, weight, bias, float(eps), seed, float(dropout_p), x_bias)
+    y, _, _ = forward_call(x, residual, weight, bias, float(eps), seed, float(dropout_p), x_bias)
     return y
