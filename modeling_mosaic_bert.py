@@ -15,7 +15,7 @@ labels together with the sequence lengths that unpadding needs (`read_batch`). T
 - torch.export / torch.onnx.export (`torch.compiler.is_exporting()`): no value checks and no unpadding. The layers run
   on every position of the padded batch, attention is scaled_dot_product_attention with the ALiBi bias of each
   sequence's real-token positions and a key-padding mask (`padded_attention`), and outputs are zeroed at padding.
-- torch.compile (`torch.compiler.is_compiling()`): the checks run as one custom operator, `mosaic_bert::check_batch`
+- torch.compile (`torch.compiler.is_compiling()`): the checks run as one custom operator, `check_batch`
   (they still raise at run time; the compiler sees no value, so no guard on lengths, no recompile per batch, no graph
   break), and the rows are sorted, not dropped: real tokens first, padding after, so that every shape follows the
   padded batch's (`TokenLayout`, sorted). Attention is the Triton kernel where it runs (it reads the real rows
@@ -23,6 +23,7 @@ labels together with the sequence lengths that unpadding needs (`read_batch`). T
 - torch.jit.trace is refused: a trace would freeze one batch's unpadding.
 """
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -294,15 +295,14 @@ def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.T
 
 def scaled_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, dropout_p: float, explicit: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v on (..., heads, L, head_dim) tensors with a bias broadcast to
-    (..., heads, L, L). `explicit` computes the probabilities in PyTorch ops and returns them (the "eager"
-    implementation, and what output_attentions needs); otherwise scaled_dot_product_attention runs and returns None
-    for them."""
+    (..., heads, L, L): in PyTorch ops with `explicit` (the "eager" implementation), else through
+    scaled_dot_product_attention ("sdpa")."""
     if not explicit:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p), None
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p)
     probs = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1]) + bias).softmax(dim=-1)
-    return F.dropout(probs, p=dropout_p) @ value, probs
+    return F.dropout(probs, p=dropout_p) @ value
 
 
 def torch_varlen_attention(
@@ -340,7 +340,7 @@ def torch_varlen_attention(
     for length in sorted(set(lengths) - {0}):
         seq_ids = [b for b, seq_len in enumerate(lengths) if seq_len == length]
         q, k, v = (_sequences_of_one_length(t, starts, seq_ids, length, len(lengths)) for t in (query, key, value))
-        out, _ = scaled_attention(q, k, v, full_bias[..., :length, :length], dropout_p, explicit)
+        out = scaled_attention(q, k, v, full_bias[..., :length, :length], dropout_p, explicit)
         for i, b in enumerate(seq_ids):
             outputs[b] = out[i].transpose(0, 1)
     if len(set(lengths)) == 1:  # one length: the sequences' rows are already in order
@@ -376,7 +376,9 @@ def padded_attention(
         mask: (batch, seqlen) bool, True on real tokens.
         positions: (batch, seqlen) int64 real-token positions (`TokenLayout.positions`).
         slopes: (heads,) ALiBi slopes.
-        dropout_p, explicit: as in `scaled_attention`.
+        dropout_p: dropout on the attention probabilities.
+        explicit: compute and return the probabilities (the "eager" implementation, and output_attentions) instead
+            of calling scaled_dot_product_attention.
 
     Returns:
         (batch, seqlen, heads, head_dim) context, and with `explicit` the (batch, heads, seqlen, seqlen)
@@ -387,9 +389,12 @@ def padded_attention(
     bias = -slopes[None, :, None, None] * distance[:, None]  # (batch, heads, seqlen, seqlen)
     keys = mask | ~mask.any(dim=-1, keepdim=True)
     bias = bias.masked_fill(~keys[:, None, None, :], float("-inf")).to(query.dtype)
-    context, probs = scaled_attention(query, key, value, bias, dropout_p, explicit)
-    if probs is not None:
-        probs = probs * mask[:, None, :, None].to(probs.dtype)
+    if not explicit:
+        context, probs = scaled_attention(query, key, value, bias, dropout_p, explicit=False), None
+    else:  # the returned probabilities are the ones the context is computed from (gradients reach them)
+        probs = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1]) + bias).softmax(dim=-1)
+        probs = torch.where(mask[:, None, :, None], probs, 0)
+        context = F.dropout(probs, p=dropout_p) @ value
     return context.transpose(1, 2), probs
 
 
@@ -729,10 +734,20 @@ def unpad_rows(mask: torch.Tensor, labels: torch.Tensor | None, total_tokens: in
     return indices, cu_seqlens, labelled
 
 
+def _op_namespace() -> str:
+    """The torch.library namespace of this copy of the file's operator: "mosaic_bert_" and a hash of the file. Hub
+    remote code may import several copies (a checkpoint's older code beside the package's): each registers and runs
+    its own operator, identical copies share one."""
+    with open(__file__, "rb") as f:
+        return f"mosaic_bert_{hashlib.sha256(f.read()).hexdigest()[:16]}"
+
+
+_OPS_NAMESPACE = _op_namespace()
+
+
 def _op_registered(name: str) -> bool:
-    """Whether torch.ops.mosaic_bert.<name> exists (this file imported before under another module name)."""
     try:
-        getattr(torch.ops.mosaic_bert, name)
+        getattr(getattr(torch.ops, _OPS_NAMESPACE), name)
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -740,7 +755,7 @@ def _op_registered(name: str) -> bool:
 
 if not _op_registered("check_batch"):
 
-    @torch.library.custom_op("mosaic_bert::check_batch", mutates_args=())
+    @torch.library.custom_op(f"{_OPS_NAMESPACE}::check_batch", mutates_args=())
     def check_batch(
         attention_mask: torch.Tensor,
         input_ids: torch.Tensor | None,
@@ -883,7 +898,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             args = (attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size,
                     self.config.type_vocab_size, num_label_classes, labels_per_token)
             if torch.compiler.is_compiling():  # shapes that do not depend on values: the sorted layout
-                order = torch.ops.mosaic_bert.check_batch(*args)
+                order = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
                 cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
                 real_rows = torch.arange(order.shape[0], device=order.device) < cu_seqlens[-1]
                 layout = TokenLayout(mask, order, cu_seqlens, max_seqlen=seqlen, real_rows=real_rows)

@@ -1,7 +1,7 @@
 """The model on CUDA: the Triton kernels (attention, GeGLU, residual LayerNorm) are the default and agree with the
 PyTorch path.
 
-Skipped without CUDA; run on the H100 machine with `python -m pytest tests/test_model_gpu.py`.
+Marked `gpu` (skipped without CUDA); run on a GPU machine with `python -m pytest -m gpu tests/test_model_gpu.py`.
 Tolerances: bf16 autocast runs both paths in bf16 matmuls, so the kernel path must match the PyTorch path within a
 relative Frobenius error of 2e-2 on hidden states and gradients (measured values are printed with -s).
 """
@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 def tiny_model(cls, **overrides):
@@ -69,9 +69,7 @@ def test_kernel_path_matches_torch_path_forward_and_gradients_within_2e_2(dtype)
 
     kernel_model = tiny_model(MosaicBertForMaskedLM)
     torch_model = copy.deepcopy(kernel_model)
-    for module in torch_model.modules():  # attention, feed-forward, residual LayerNorms and loss: all on PyTorch
-        if hasattr(module, "backend"):
-            module.backend = "torch"
+    torch_model.set_attn_implementation("eager")  # attention, feed-forward, residual LayerNorms and loss on PyTorch
     ids, mask = ragged([1, 7, 127, 128, 129, 300], seed=1)
     labels = torch.where(torch.rand_like(ids, dtype=torch.float) < 0.3, ids, -100).masked_fill(mask == 0, -100)
     results = []
@@ -139,8 +137,8 @@ def test_masked_lm_loss_runs_on_the_fused_cross_entropy_and_matches_pytorch():
         modeling_mosaic_bert.cross_entropy = original
     assert len(calls) == 1
     logits = out.logits.detach().requires_grad_()
-    kernel_loss = modeling_mosaic_bert.masked_lm_loss(logits, labels[labels != -100], "auto")
-    torch_loss = modeling_mosaic_bert.masked_lm_loss(logits, labels[labels != -100], "torch")
+    kernel_loss = modeling_mosaic_bert.masked_lm_loss(logits, labels[labels != -100], "sdpa")
+    torch_loss = modeling_mosaic_bert.masked_lm_loss(logits, labels[labels != -100], "eager")
     assert kernel_loss.dtype == torch_loss.dtype == torch.float32
     torch.testing.assert_close(kernel_loss, torch_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, torch_loss.detach(), rtol=1e-5, atol=1e-5)
@@ -191,17 +189,17 @@ def test_mixed_lengths_1_and_8192_run_on_the_kernel():
     assert (out[0, 1:] == 0).all()
 
 
-def test_triton_backend_refuses_output_attentions_with_a_clear_error():
+def test_flash_attention_2_refuses_output_attentions_with_a_clear_error():
     from modeling_mosaic_bert import MosaicBertModel
 
-    model = tiny_model(MosaicBertModel, attention_backend="triton")
+    model = tiny_model(MosaicBertModel, attn_implementation="flash_attention_2")
     ids, mask = ragged([4, 6])
     with pytest.raises(ValueError, match="output_attentions"):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(ids, attention_mask=mask, output_attentions=True)
 
 
-def test_auto_backend_falls_back_to_torch_for_float32_and_output_attentions():
+def test_sdpa_falls_back_to_torch_for_float32_and_output_attentions():
     from modeling_mosaic_bert import MosaicBertModel
 
     model = tiny_model(MosaicBertModel)
@@ -225,25 +223,89 @@ def test_compiled_layers_match_eager_in_bf16():
     assert rel_err(out, eager) < 2e-2
 
 
-def test_masked_lm_forward_with_labels_synchronises_with_the_host_twice():
-    """The input checks with the unpadding lengths, then the label checks with the labelled count: two host reads;
-    everything else (ALiBi slopes, gathers with known counts, kernel choice) stays on the device."""
+def host_synchronisations(step) -> list[str]:
+    """Runs step() once and returns the messages of the host synchronisations it made (CUDA sync debug mode)."""
     import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+def collated_batch(lengths, seed, vocab=512):
+    """What a tokenizer and DataCollatorForLanguageModeling give: input_ids, attention_mask, token_type_ids and
+    labels on 30% of the real tokens (-100 elsewhere)."""
+    ids, mask = ragged(lengths, vocab=vocab, seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    chosen = (torch.rand(ids.shape, generator=g, device="cuda") < 0.3) & (mask == 1)
+    labels = torch.where(chosen, ids, -100)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("lengths", [[128] * 8, [5, 17, 1, 64, 128, 90]], ids=["packed", "ragged"])
+def test_masked_lm_training_step_synchronises_with_the_host_at_most_once(lengths):
+    """Forward and backward of a bf16 MLM training step with dropout, on collator inputs: the one host read is the
+    entry check (every value check and the unpadding lengths together); labels, loss and backward add none."""
+    from modeling_mosaic_bert import MosaicBertForMaskedLM
+
+    model = tiny_model(MosaicBertForMaskedLM, hidden_dropout_prob=0.1).train()
+    batch = collated_batch(lengths, seed=4)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: lazy initialisation may synchronise
+    syncs = host_synchronisations(step)
+    assert len(syncs) <= 1, syncs
+
+
+def test_sequence_classification_training_step_synchronises_with_the_host_at_most_once():
+    from modeling_mosaic_bert import MosaicBertForSequenceClassification
+
+    model = tiny_model(MosaicBertForSequenceClassification, num_labels=3, hidden_dropout_prob=0.1).train()
+    batch = collated_batch([5, 17, 1, 64, 128, 90], seed=5)
+    batch["labels"] = torch.tensor([0, 2, 1, 1, 0, 2], device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    syncs = host_synchronisations(step)
+    assert len(syncs) <= 1, syncs
+
+
+def test_compiled_model_on_cuda_runs_the_kernels_without_recompiling_for_new_lengths():
+    """torch.compile of the whole model in bf16: the sorted row layout feeds the attention kernel; one static and one
+    dynamic compile for 6 batches of new shapes and lengths, no graph break, and eager's loss."""
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     from modeling_mosaic_bert import MosaicBertForMaskedLM
 
-    model = tiny_model(MosaicBertForMaskedLM)
-    ids, mask = ragged([5, 17, 1, 64], seed=4)
-    labels = torch.where(torch.rand_like(ids, dtype=torch.float) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    torch._dynamo.reset()
+    model = tiny_model(MosaicBertForMaskedLM).train()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    for i, lengths in enumerate([[64, 3, 100], [7, 128], [1, 30, 200, 5], [256, 256], [9, 8, 7, 6, 5], [300, 2]]):
+        batch = collated_batch(lengths, seed=i)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(**batch).loss
+            expected = model(**batch).loss
+        assert rel_err(loss, expected) < 2e-2
+        loss.backward()
+    assert counter.frame_count <= 2
+    batch = collated_batch([64, 3, 100], seed=0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        model(ids, attention_mask=mask, labels=labels)  # warm-up: lazy initialisation may synchronise
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                model(ids, attention_mask=mask, labels=labels)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= 2, [str(w.message) for w in syncs]
+        explanation = torch._dynamo.explain(model)(**batch)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]

@@ -3,7 +3,6 @@ float64 reference in tests/reference.py."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -103,7 +102,9 @@ def test_base_model_matches_reference_hidden_states_and_attentions(dims):
     model, sd = build(m.MosaicBertModel, dims, "base", seed=1)
     has_pooler = any(k.startswith("pooler.") for k in model.state_dict())
     ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=9)
-    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True, output_attentions=True)
+    out = model(
+        input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True, output_attentions=True
+    )
     exp = ref.base(sd, dims, ids, mask, tt, with_pooler=has_pooler)
     assert_close(out.last_hidden_state, exp["last_hidden_state"], msg="last_hidden_state (zeros at pads)")
     assert len(out.hidden_states) == dims.num_hidden_layers + 1
@@ -124,7 +125,8 @@ def test_masked_lm_logits_match_reference_at_real_tokens(dims):
     exp = ref.mlm(sd, dims, ids, mask, tt)
     assert out.logits.shape == (len(LENGTHS), 8, dims.vocab_size)
     for b in range(len(LENGTHS)):
-        assert_close(real_tokens(out.logits, mask, b), real_tokens(exp["logits_full"], mask, b), msg=f"MLM logits seq {b}")
+        expected = real_tokens(exp["logits_full"], mask, b)
+        assert_close(real_tokens(out.logits, mask, b), expected, msg=f"MLM logits seq {b}")
 
 
 def test_masked_lm_with_labels_logits_shape_full_in_eval_compact_in_training_or_when_asked(dims):
@@ -259,7 +261,8 @@ def test_twelve_heads_non_power_of_two_matches_reference():
     out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
     exp = ref.mlm(sd, d, ids, mask, tt)
     for b in range(2):
-        assert_close(real_tokens(out.logits, mask, b), real_tokens(exp["logits_full"], mask, b), msg=f"12 heads seq {b}")
+        expected = real_tokens(exp["logits_full"], mask, b)
+        assert_close(real_tokens(out.logits, mask, b), expected, msg=f"12 heads seq {b}")
 
 
 def test_defaults_for_attention_mask_and_token_type_ids(dims):
@@ -390,7 +393,8 @@ def test_sequences_longer_than_alibi_starting_size_match_reference():
         out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
         exp = ref.mlm(sd, d, ids, mask, tt)
         for b in range(len(lengths)):
-            assert_close(real_tokens(out.logits, mask, b), real_tokens(exp["logits_full"], mask, b), msg=f"{lengths} seq {b}")
+            expected = real_tokens(exp["logits_full"], mask, b)
+            assert_close(real_tokens(out.logits, mask, b), expected, msg=f"{lengths} seq {b}")
 
 
 def test_length_600_with_default_alibi_starting_size():
@@ -437,7 +441,8 @@ def test_left_and_middle_padding_equal_right_padding(dims, padding):
         o = model(input_ids=ids_o, attention_mask=mask_o, token_type_ids=tt_o, output_hidden_states=True)
     for b in range(len(lengths)):
         torch.testing.assert_close(
-            real_tokens(o.hidden_states[-1], mask_o, b), real_tokens(r.hidden_states[-1], mask_r, b), atol=1e-5, rtol=1e-5
+            real_tokens(o.hidden_states[-1], mask_o, b), real_tokens(r.hidden_states[-1], mask_r, b),
+            atol=1e-5, rtol=1e-5,
         )
     # pooler reads the first REAL token
     torch.testing.assert_close(o.logits, r.logits, atol=1e-5, rtol=1e-5)
@@ -519,10 +524,9 @@ def test_return_dict_false_gives_tuples_with_loss_first(dims):
     assert_close(t2[0], d.logits, msg="without labels tuple[0] is logits")
 
     qa, _ = build(m.MosaicBertForQuestionAnswering, dims, "qa")
-    dq = qa(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([1, 0]), end_positions=torch.tensor([2, 1]))
-    tq = qa(
-        input_ids=ids, attention_mask=mask, start_positions=torch.tensor([1, 0]), end_positions=torch.tensor([2, 1]), return_dict=False
-    )
+    span = {"start_positions": torch.tensor([1, 0]), "end_positions": torch.tensor([2, 1])}
+    dq = qa(input_ids=ids, attention_mask=mask, **span)
+    tq = qa(input_ids=ids, attention_mask=mask, **span, return_dict=False)
     assert_close(tq[0], dq.loss)
     assert_close(tq[1], dq.start_logits)
     assert_close(tq[2], dq.end_logits)
@@ -682,3 +686,214 @@ def test_masked_lm_return_dict_false_with_labels(dims):
     assert isinstance(t, tuple)
     assert_close(t[0], d.loss)
     assert_close(t[1], d.logits)
+
+
+# --------------------------------------------------------------------------
+# The attention switch: transformers' attn_implementation
+# --------------------------------------------------------------------------
+
+
+def _saved_mlm(dims, folder, **config_overrides):
+    model, _ = build(_models().MosaicBertForMaskedLM, dims, "mlm", dtype=torch.float32, **config_overrides)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "flash_attention_2", None])
+def test_from_pretrained_honours_attn_implementation(dims, tmp_path, implementation):
+    """AutoModel*.from_pretrained(..., attn_implementation=...) as sentence-transformers' model_kwargs and training
+    scripts pass it; unset means "sdpa". "flash_attention_2" is this package's Triton kernel (no flash_attn package):
+    where it cannot run (a CPU tensor), the forward says why."""
+    from transformers import AutoModelForMaskedLM
+
+    from conftest import INTERPRET
+
+    saved = _saved_mlm(dims, tmp_path)
+    model_kwargs = {} if implementation is None else {"attn_implementation": implementation}
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True, **model_kwargs).eval()
+    assert model.config._attn_implementation == (implementation or "sdpa")
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    if implementation == "flash_attention_2":
+        if not INTERPRET:
+            with pytest.raises(ValueError, match="flash_attention_2.*cannot run"):
+                model(input_ids=ids, attention_mask=mask)
+        return
+    expected = saved(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+    assert_close(model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_attn_implementation_is_refused_naming_the_choices(dims, tmp_path):
+    from transformers import AutoModel
+
+    _saved_mlm(dims, tmp_path)
+    with pytest.raises(ValueError, match="'sdpa'.*'eager'.*'flash_attention_2'"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True, attn_implementation="flex_attention")
+
+
+def test_set_attn_implementation_changes_the_config_and_the_attention_that_runs(dims, monkeypatch):
+    m = _models()
+    model, _ = build(m.MosaicBertModel, dims, "base")
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    assert model.config._attn_implementation == "sdpa"
+    sdpa = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    assert calls
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    calls.clear()
+    eager = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    assert not calls  # explicit softmax: no scaled_dot_product_attention call
+    assert_close(eager, sdpa, atol=1e-10, rtol=1e-8)
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_checkpoint_with_former_attention_backend_loads_onto_attn_implementation(dims, tmp_path):
+    import json
+
+    from transformers import AutoModelForMaskedLM
+
+    _saved_mlm(dims, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attention_backend"] = "torch"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True)
+    assert model.config._attn_implementation == "eager"
+    assert "attention_backend" not in model.config.to_dict()
+    explicit = AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True, attn_implementation="sdpa")
+    assert explicit.config._attn_implementation == "sdpa"
+
+
+# --------------------------------------------------------------------------
+# Outputs on the autograd graph
+# --------------------------------------------------------------------------
+
+
+def test_retain_grad_hidden_states_attentions(dims):
+    """transformers' test of the same name: the returned hidden states and attentions are the tensors the model
+    went on to use, so retain_grad() fills their .grad."""
+    m = _models()
+    model, _ = build(m.MosaicBertModel, dims, "base", dtype=torch.float32)
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True,
+                output_attentions=True)
+    hidden_states = out.hidden_states[0]
+    attentions = out.attentions[0]
+    hidden_states.retain_grad()
+    attentions.retain_grad()
+    out[0].flatten()[0].backward(retain_graph=True)
+    assert hidden_states.grad is not None
+    assert attentions.grad is not None
+
+
+@pytest.mark.parametrize("cls_name, kind", [("MosaicBertForSequenceClassification", "seq"),
+                                            ("MosaicBertForMaskedLM", "mlm")])
+def test_gradient_through_returned_hidden_states_and_attentions_is_the_models(dims, cls_name, kind):
+    """torch.autograd.grad(loss, hidden_states[i]) is d loss / d (layer i's output): nudging the layer's output in
+    the model (by a forward hook) changes the loss by <grad, nudge>, float64. Same for each layer's attentions."""
+    m = _models()
+    model, _ = build(getattr(m, cls_name), dims, kind)
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True,
+                output_attentions=True)
+    loss = (out.logits ** 2).sum()
+    grads = torch.autograd.grad(loss, [*out.hidden_states, *out.attentions])
+    real = mask.bool()
+    for i, g in enumerate(grads[: len(out.hidden_states)]):
+        assert torch.all(g[~real] == 0), f"hidden_states[{i}]: padded positions feed nothing"
+        assert g[real].abs().sum() > 0, f"hidden_states[{i}]"
+    for i, g in enumerate(grads[len(out.hidden_states) :]):
+        assert g.abs().sum() > 0, f"attentions[{i}]"
+    # directional derivative against a nudged layer output (layer 0's output is hidden_states[1])
+    nudge = torch.randn_like(out.hidden_states[1]) * real[..., None]
+    eps = 1e-6
+    hook = model.bert.encoder.layer[0].register_forward_hook(
+        lambda module, args, output: (output[0] + eps * nudge[real], output[1])
+    )
+    try:
+        nudged = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    finally:
+        hook.remove()
+    change = ((nudged.logits ** 2).sum() - loss.detach()) / eps
+    assert_close(change, (grads[1] * nudge).sum(), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# MLM logits for Trainer.predict and run_mlm-style metrics
+# --------------------------------------------------------------------------
+
+
+def test_trainer_predict_masked_lm_predictions_line_up_with_label_ids(dims, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    m = _models()
+    model, _ = build(m.MosaicBertForMaskedLM, dims, "mlm", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(6):
+        ids, mask, _ = ragged_batch(dims, [8 - i % 4], seqlen=8, seed=i, garbage_pads=False)
+        labels = torch.where((torch.rand(ids.shape, generator=g) < 0.3) & (mask == 1), ids, -100)
+        labels[0, 0] = ids[0, 0]
+        samples.append({"input_ids": ids[0], "attention_mask": mask[0], "labels": labels[0]})
+
+    def preprocess_logits_for_metrics(logits, labels):  # as transformers' run_mlm.py
+        return logits.argmax(dim=-1)
+
+    def compute_metrics(eval_pred):  # as transformers' run_mlm.py
+        preds, labels = eval_pred
+        labels, preds = labels.reshape(-1), preds.reshape(-1)
+        keep = labels != -100
+        return {"accuracy": float((preds[keep] == labels[keep]).mean())}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, compute_metrics=compute_metrics,
+                      preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+    prediction = trainer.predict(samples)
+    labels = torch.stack([s["labels"] for s in samples])
+    assert prediction.predictions.shape == tuple(labels.shape)
+    assert (prediction.label_ids == labels.numpy()).all()
+    with torch.no_grad():
+        expected = model(input_ids=torch.stack([s["input_ids"] for s in samples]),
+                         attention_mask=torch.stack([s["attention_mask"] for s in samples])).logits.argmax(-1)
+    keep = labels != -100
+    assert (torch.from_numpy(prediction.predictions)[keep] == expected[keep]).all()
+    accuracy = float((expected[keep] == labels[keep]).float().mean())
+    assert prediction.metrics["test_accuracy"] == pytest.approx(accuracy)
+
+
+# --------------------------------------------------------------------------
+# Heads over checkpoints without a pooler
+# --------------------------------------------------------------------------
+
+
+def test_checkpoint_without_pooler_loads_the_same_pooler_and_logits_every_time(dims, tmp_path):
+    """MosaicBERT pretrains without a pooler; every load of such a checkpoint starts the pooler at the identity, so
+    pooler_output, and the logits of a saved classifier (what PEFT's sequence-classification preset keeps), are
+    the same on every load."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    _saved_mlm(dims, tmp_path)
+    ids, mask, tt = ragged_batch(dims, LENGTHS, seqlen=8)
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # what would draw a different random pooler
+        base = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, trust_remote_code=True).eval()
+        assert torch.equal(classifier.bert.pooler.dense.weight, torch.eye(dims.hidden_size))
+        assert torch.all(classifier.bert.pooler.dense.bias == 0)
+        if results:
+            classifier.classifier.load_state_dict(results[0][2])
+        pooled = base(input_ids=ids, attention_mask=mask, token_type_ids=tt).pooler_output
+        head_pooled = classifier.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt).pooler_output
+        logits = classifier(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        results.append((pooled, head_pooled, classifier.classifier.state_dict(), logits))
+    (p1, h1, _, l1), (p2, h2, _, l2) = results
+    assert torch.equal(p1, p2) and torch.equal(h1, h2) and torch.equal(p1, h1)
+    assert torch.equal(l1, l2)

@@ -1,7 +1,8 @@
 """Bad inputs and edge cases: every one either works or raises a ValueError that says what is wrong.
 
 CPU cases run everywhere on tiny models (hidden 32, 2 layers, 4 heads). Cases marked `cuda` repeat the check on the
-GPU through the Triton kernel (attn_implementation="flash_attention_2", fp16/bf16, head_dim 16) and are skipped without CUDA.
+GPU through the Triton kernel (attn_implementation="flash_attention_2", fp16/bf16, head_dim 16) and are skipped
+without CUDA.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def tiny(cls_name="MosaicBertForMaskedLM", dtype=torch.float32, device="cpu", d:
 # A GPU model whose heads the Triton kernel supports (head_dim 16).
 GPU_DIMS = Dims(hidden_size=64, num_attention_heads=4, intermediate_size=128)
 
+def _put(ids: torch.Tensor, row: int, col: int, value: int) -> torch.Tensor:
+    """ids with ids[row, col] = value (a copy)."""
+    return ids.index_put((torch.tensor([row]), torch.tensor([col])), torch.tensor(value))
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
@@ -75,9 +81,9 @@ def _outputs(out):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (lambda ids, V: ids.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(V)), r"holds 97\b.*\[0, 97\)"),
-        (lambda ids, V: ids.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(10**9)), r"holds 1000000000\b.*97"),
-        (lambda ids, V: ids.index_put((torch.tensor([0]), torch.tensor([3])), torch.tensor(-1)), r"holds -1\b.*\[0, 97\)"),
+        (lambda ids, V: _put(ids, 1, 2, V), r"holds 97\b.*\[0, 97\)"),
+        (lambda ids, V: _put(ids, 0, 0, 10**9), r"holds 1000000000\b.*97"),
+        (lambda ids, V: _put(ids, 0, 3, -1), r"holds -1\b.*\[0, 97\)"),
         (lambda ids, V: ids.float(), r"integer token ids.*float32"),
         (lambda ids, V: ids.double(), r"integer token ids.*float64"),
         (lambda ids, V: ids.bool(), r"integer token ids.*bool"),
@@ -272,7 +278,9 @@ def test_all_padding_row_is_zero_and_leaves_other_rows_alone(device):
     keep = [0, 2]
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
-        alone = model(input_ids=ids[keep], attention_mask=mask[keep], token_type_ids=tt[keep], output_hidden_states=True)
+        alone = model(
+            input_ids=ids[keep], attention_mask=mask[keep], token_type_ids=tt[keep], output_hidden_states=True
+        )
         pooler = model.bert.pooler
         empty_pooled = pooler(torch.zeros(1, d.hidden_size, device=device, dtype=out.logits.dtype))
         empty_logits = model.classifier(empty_pooled)
@@ -420,7 +428,9 @@ def test_left_middle_and_scattered_padding_equal_right_padding(device, padding, 
         if key not in r:
             continue
         for b in range(len(lengths)):
-            torch.testing.assert_close(real_tokens(o[key], mask_o, b), real_tokens(r[key], mask_r, b), atol=atol, rtol=atol)
+            torch.testing.assert_close(
+                real_tokens(o[key], mask_o, b), real_tokens(r[key], mask_r, b), atol=atol, rtol=atol
+            )
         assert (o[key][mask_o == 0] == 0).all()
 
 
@@ -450,7 +460,8 @@ def test_precisions_and_autocast_run_without_dtype_errors_or_nan(device, weights
     ctx = torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with ctx:
         out = mlm(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, output_hidden_states=True)
-        out_seq = seq(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=torch.tensor([0, 2, 1], device=device))
+        class_labels = torch.tensor([0, 2, 1], device=device)
+        out_seq = seq(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=class_labels)
         out.loss.backward()
     for t in _outputs(out) + list(out.hidden_states) + _outputs(out_seq):
         assert torch.isfinite(t).all()
@@ -474,7 +485,8 @@ def test_half_precision_does_not_overflow_on_realistic_activations(device, dtype
     BERTs have such outlier features), so the residual stream holds values above 256 whose squares overflow float16:
     LayerNorm and attention must not accumulate in float16. (Gains near 300 overflow the GeGLU product
     act(gate) * value itself in float16, as they would in any float16 model.)"""
-    d = Dims(hidden_size=128, num_attention_heads=8 if device == "cpu" else 4, intermediate_size=256, num_hidden_layers=2)
+    heads = 8 if device == "cpu" else 4
+    d = Dims(hidden_size=128, num_attention_heads=heads, intermediate_size=256, num_hidden_layers=2)
     model = tiny("MosaicBertForMaskedLM", d=d, attn_implementation="sdpa")
     if outlier_gain is not None:
         with torch.no_grad():
@@ -511,7 +523,8 @@ def test_same_seed_same_outputs(train):
 
     def run():
         torch.manual_seed(1234)
-        cfg = MosaicBertConfig(**{**Dims().config_kwargs(), "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})
+        dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+        cfg = MosaicBertConfig(**{**Dims().config_kwargs(), **dropout})
         model = _m().MosaicBertForMaskedLM(cfg).train(train)
         ids, mask, tt = ragged_batch(Dims(), [7, 3, 5])
         out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=ids.masked_fill(mask == 0, -100))
