@@ -1,23 +1,23 @@
 #!/usr/bin/env python
 r"""Export a MosaicBERT folder to ONNX with dynamic batch and sequence axes, check it, optionally time it.
 
+examples:
     python scripts/export_onnx.py --model checkpoints/mosaic-bert-wiki-small --output /tmp/mosaic-bert.onnx
     python scripts/export_onnx.py --model runs/glue/sst2 --task sequence-classification --output sst2.onnx
     python scripts/export_onnx.py --model checkpoints/mosaic-bert-wiki-small --output /tmp/mlm.onnx \
-        --task masked-lm --measure-latency --latency-batch-size 8 --latency-seqlen 128
+        --task masked-lm --measure-latency --latency-shapes 1x128 8x128
 
 The export goes through `torch.onnx.export(dynamo=True)` (torch.export underneath), on the model's padded attention
 path (SDPA with the ALiBi bias and a key-padding mask), which the model takes by itself while it is being exported.
 The inputs are those a tokenizer gives: input_ids, attention_mask and token_type_ids, each (batch, seqlen), int64.
 After exporting, onnxruntime runs a tokenizer batch of another shape than the export example, right- and
 left-padded, and every output is compared with PyTorch eager; the script fails when they differ by more than
---atol. With --measure-latency it prints the median CPU latency of onnxruntime and of PyTorch eager for one
-batch_size x seqlen batch.
+--atol. With --measure-latency it prints the median CPU latency of onnxruntime and of PyTorch eager for each
+batch_size x seqlen of --latency-shapes.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -37,8 +37,11 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
-    HfArgumentParser,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recipes.cli import build_parser, parse  # noqa: E402
 
 TASKS = {
     "base": AutoModel,
@@ -62,12 +65,26 @@ class ExportOptions:
     check_batch_size: int = field(default=5, metadata={"help": "batch size of the check (not the export's 2)"})
     check_seqlen: int = field(default=23, metadata={"help": "padded length of the check (not the export's 16)"})
     measure_latency: bool = field(default=False, metadata={"help": "time onnxruntime and PyTorch eager on CPU"})
-    latency_batch_size: int = field(default=8, metadata={"help": "batch size of the latency measurement"})
-    latency_seqlen: int = field(default=128, metadata={"help": "padded length of the latency measurement"})
+    latency_shapes: list[str] = field(default_factory=lambda: ["8x128"], metadata={
+        "help": "the batch_size x seqlen batches to time, for example 1x128 32x128"})
     latency_repeats: int = field(default=20, metadata={"help": "timed runs per runtime (the median is reported)"})
+    latency_full_rows: bool = field(default=False, metadata={
+        "help": "time rows that are all real tokens; by default rows hold 2 to seqlen tokens, as a tokenizer pads a "
+                "batch of texts (PyTorch runs the real tokens only, the ONNX graph every position)"})
     threads: int | None = field(
         default=None, metadata={"help": "CPU threads for both runtimes (default: torch.get_num_threads())"}
     )
+
+
+def parse_shape(shape: str) -> tuple[int, int]:
+    """"8x128" -> (8, 128)."""
+    try:
+        batch_size, seqlen = (int(part) for part in shape.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a latency shape is batch_size x seqlen, like 8x128; got {shape!r}") from None
+    if batch_size < 1 or seqlen < 2:
+        raise ValueError(f"a latency shape needs batch_size >= 1 and seqlen >= 2 ([CLS] and [SEP]); got {shape!r}")
+    return batch_size, seqlen
 
 
 def load_model(folder: str, task: str) -> torch.nn.Module:
@@ -76,13 +93,15 @@ def load_model(folder: str, task: str) -> torch.nn.Module:
     return model.eval()
 
 
-def tokenizer_batch(tokenizer, batch_size: int, seqlen: int, padding_side: str = "right", seed: int = 0) -> dict:
+def tokenizer_batch(tokenizer, batch_size: int, seqlen: int, padding_side: str = "right", seed: int = 0,
+                    full_rows: bool = False) -> dict:
     """What a tokenizer gives for `batch_size` texts of random vocabulary words, padded (and truncated) to exactly
     `seqlen` tokens on `padding_side`: int64 (batch_size, seqlen) input_ids, attention_mask and token_type_ids.
-    The real lengths vary from row to row (2 to seqlen tokens, [CLS] and [SEP] included); the first row is full."""
+    The real lengths vary from row to row (2 to seqlen tokens, [CLS] and [SEP] included; the first row is full), or,
+    with `full_rows`, every row has seqlen real tokens."""
     rng = random.Random(seed)
     words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.isascii())
-    texts = [" ".join(rng.choices(words, k=seqlen if b == 0 else rng.randint(0, seqlen - 2)))
+    texts = [" ".join(rng.choices(words, k=seqlen if b == 0 or full_rows else rng.randint(0, seqlen - 2)))
              for b in range(batch_size)]
     batch = tokenizer(texts, padding="max_length", truncation=True, max_length=seqlen, padding_side=padding_side,
                       return_tensors="pt", return_token_type_ids=True)
@@ -198,20 +217,22 @@ def run(options: ExportOptions) -> dict:
         print(f"max |onnxruntime - eager| of {name} on {shape}, right and left padding: {diff:.2e}")
     result = {"output": str(path), "max_abs_diff": diffs}
     if options.measure_latency:
-        inputs = tokenizer_batch(tokenizer, options.latency_batch_size, options.latency_seqlen, seed=2)
-        latency = measure_latency(model, session, inputs, options.latency_repeats)
-        shape = f"{options.latency_batch_size} x {options.latency_seqlen}"
         threads = options.threads or torch.get_num_threads()
-        print(f"median CPU latency, {shape}, {threads} threads, {options.latency_repeats} runs:")
-        for runtime, seconds in latency.items():
-            print(f"  {runtime:14s} {seconds * 1e3:8.1f} ms")
-        result["latency_s"] = latency
+        print(f"median CPU latency, {threads} threads, {options.latency_repeats} runs:")
+        result["latency"] = []
+        for shape in options.latency_shapes:
+            batch_size, seqlen = parse_shape(shape)
+            inputs = tokenizer_batch(tokenizer, batch_size, seqlen, seed=2, full_rows=options.latency_full_rows)
+            latency = measure_latency(model, session, inputs, options.latency_repeats)
+            real = int(inputs["attention_mask"].sum())
+            print(f"  {batch_size} x {seqlen} ({real} real tokens): onnxruntime {latency['onnxruntime'] * 1e3:.1f} ms,"
+                  f" PyTorch eager {latency['pytorch_eager'] * 1e3:.1f} ms")
+            result["latency"].append({"batch_size": batch_size, "seqlen": seqlen, "real_tokens": real, **latency})
     return result
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(ExportOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    (options,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    (options,) = parse(build_parser([ExportOptions], __doc__), argv)
     return run(options)
 
 

@@ -123,12 +123,13 @@ def test_export_script_checks_onnxruntime_against_eager_and_times_both(checkpoin
     script = load_export_script()
     result = script.main([
         "--model", checkpoint, "--task", "sequence-classification", "--output", str(tmp_path / "model.onnx"),
-        "--check-batch-size", "3", "--check-seqlen", "11", "--measure-latency", "--latency-batch-size", "2",
-        "--latency-seqlen", "8", "--latency-repeats", "2",
+        "--check-batch-size", "3", "--check-seqlen", "11", "--measure-latency", "--latency-shapes", "2x8", "1x5",
+        "--latency-repeats", "2",
     ])
     assert (tmp_path / "model.onnx").exists()
     assert set(result["max_abs_diff"]) == {"logits"} and result["max_abs_diff"]["logits"] <= 1e-4
-    assert set(result["latency_s"]) == {"onnxruntime", "pytorch_eager"}
+    assert [(row["batch_size"], row["seqlen"]) for row in result["latency"]] == [(2, 8), (1, 5)]
+    assert all(row["onnxruntime"] > 0 and row["pytorch_eager"] > 0 for row in result["latency"])
     assert "max |onnxruntime - eager| of logits on 3 x 11" in capsys.readouterr().out
 
 
