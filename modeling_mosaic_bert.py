@@ -268,6 +268,11 @@ class TokenLayout:
             first = torch.argmax(self.mask.to(torch.int32), dim=-1)  # the first real position (0 in an empty row)
             rows_of_first = torch.arange(self.batch_size, device=rows.device) * self.seqlen + first
             return torch.where(has_tokens[:, None], rows.index_select(0, rows_of_first), 0)
+        if self.lengths is not None:  # eager: the row count is known, gather directly
+            if rows.shape[0] == 0:
+                return rows.new_zeros(self.batch_size, rows.shape[-1])
+            rows_of_first = self.cu_seqlens[:-1].to(torch.int64).clamp(max=rows.shape[0] - 1)
+            return torch.where(has_tokens[:, None], rows.index_select(0, rows_of_first), 0)
         with_zero_row = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
         rows_of_first = torch.where(has_tokens, self.cu_seqlens[:-1].to(torch.int64), rows.shape[0])
         return with_zero_row.index_select(0, rows_of_first)
@@ -599,7 +604,9 @@ class Encoding:
     attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
     labels: (rows,) the token labels of the rows, when token labels were given (-100 on rows of padding).
     labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order; None under torch.compile
-    and export, where no count is read.
+    and export, where no count is read. With a `guess`, (bound,) instead: the labelled rows, then the row count
+    (one past the last row) as filler up to the guess's bound.
+    guess: the `PackedBatchGuess` the encoder ran on, which the head must confirm before returning.
     """
 
     hidden_states: torch.Tensor
@@ -608,6 +615,7 @@ class Encoding:
     attentions: tuple[torch.Tensor, ...] | None = None
     labels: torch.Tensor | None = None
     labelled: torch.Tensor | None = None
+    guess: "PackedBatchGuess | None" = None
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """(tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
@@ -671,6 +679,62 @@ def check_label_shapes(labels: torch.Tensor, shape: tuple[int, ...], what: str) 
         raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
 
 
+def batch_checks(
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    num_label_classes: int,
+    labels_per_token: bool,
+) -> tuple[list[str], torch.Tensor]:
+    """The values every check of a batch needs, computed on the batch's device: their names, and one (checks + batch,)
+    int64 tensor holding them followed by the sequence lengths. Reads nothing on the host (`check_batch_values`
+    judges them once they are there)."""
+    real = attention_mask != 0
+    checks = {"mask_bad": ((attention_mask != 0) & (attention_mask != 1)).sum()}
+    if input_ids is not None:
+        checks["ids_min"], checks["ids_max"] = input_ids.min(), input_ids.max()
+    if token_type_ids is not None:
+        checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
+    if labels is not None:
+        labelled = labels != -100
+        checks["labels_bad"] = (labelled & ((labels < 0) | (labels >= num_label_classes))).sum()
+        if labels_per_token:
+            checks["labelled"] = (labelled & real).sum()
+            checks["labelled_padding"] = (labelled & ~real).sum()
+    head = torch.stack([v.to(torch.int64) for v in checks.values()])
+    return list(checks), torch.cat([head, real.sum(dim=-1).to(torch.int64)])
+
+
+def check_batch_values(
+    names: list[str],
+    values: list[int],
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+    type_vocab_size: int,
+    num_label_classes: int,
+) -> tuple[list[int], int]:
+    """Raises ValueError naming what is wrong with a batch, from the host copy of `batch_checks`' tensor. Returns the
+    sequence lengths (a list of batch ints) and the number of token labels other than -100."""
+    checks, lengths = dict(zip(names, values[: len(names)])), values[len(names) :]
+    if checks["mask_bad"]:
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got {bad}")
+    if "ids_min" in checks and (checks["ids_min"] < 0 or checks["ids_max"] >= vocab_size):
+        bad = checks["ids_min"] if checks["ids_min"] < 0 else checks["ids_max"]
+        raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {vocab_size})")
+    if "types_min" in checks and (checks["types_min"] < 0 or checks["types_max"] >= type_vocab_size):
+        bad = checks["types_min"] if checks["types_min"] < 0 else checks["types_max"]
+        raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {type_vocab_size})")
+    if checks.get("labelled_padding"):
+        raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
+    if checks.get("labels_bad"):
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_label_classes))].unique()[:5].tolist()
+        raise ValueError(f"labels must lie in [0, {num_label_classes}) or be -100, got values {bad}")
+    return lengths, checks.get("labelled", 0)
+
+
 def read_batch(
     attention_mask: torch.Tensor,
     input_ids: torch.Tensor | None,
@@ -688,37 +752,49 @@ def read_batch(
     -100 on every padded position) or per example ((batch,)).
     Returns the sequence lengths (a list of batch ints) and the number of token labels other than -100.
     """
-    real = attention_mask != 0
-    lengths = real.sum(dim=-1)
-    checks = {"mask_bad": ((attention_mask != 0) & (attention_mask != 1)).sum()}
-    if input_ids is not None:
-        checks["ids_min"], checks["ids_max"] = input_ids.min(), input_ids.max()
-    if token_type_ids is not None:
-        checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
-    if labels is not None:
-        labelled = labels != -100
-        checks["labels_bad"] = (labelled & ((labels < 0) | (labels >= num_label_classes))).sum()
-        if labels_per_token:
-            checks["labelled"] = (labelled & real).sum()
-            checks["labelled_padding"] = (labelled & ~real).sum()
-    head = torch.stack([v.to(torch.int64) for v in checks.values()])
-    values = torch.cat([head, lengths.to(torch.int64)]).tolist()  # the one host synchronisation
-    values, lengths = dict(zip(checks, values[: len(checks)])), values[len(checks) :]
-    if values["mask_bad"]:
-        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
-        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got {bad}")
-    if "ids_min" in values and (values["ids_min"] < 0 or values["ids_max"] >= vocab_size):
-        bad = values["ids_min"] if values["ids_min"] < 0 else values["ids_max"]
-        raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {vocab_size})")
-    if "types_min" in values and (values["types_min"] < 0 or values["types_max"] >= type_vocab_size):
-        bad = values["types_min"] if values["types_min"] < 0 else values["types_max"]
-        raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {type_vocab_size})")
-    if values.get("labelled_padding"):
-        raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
-    if values.get("labels_bad"):
-        bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_label_classes))].unique()[:5].tolist()
-        raise ValueError(f"labels must lie in [0, {num_label_classes}) or be -100, got values {bad}")
-    return lengths, values.get("labelled", 0)
+    names, values = batch_checks(attention_mask, input_ids, token_type_ids, labels, num_label_classes, labels_per_token)
+    return check_batch_values(names, values.tolist(), attention_mask, labels, vocab_size, type_vocab_size,
+                              num_label_classes)  # .tolist(): the one host synchronisation
+
+
+# Devices where a forward may run on a `PackedBatchGuess`: where reading a value on the host waits for the device.
+GUESS_DEVICES = ("cuda",)
+
+
+class PackedBatchGuess:
+    """A forward that does not wait for the device, for batches of the shape the last one had when it held no padding
+    (packed pretraining: every batch is full): the layers run at once on every position as real tokens, and the MLM
+    head on a bound of the labelled count, while the checks of `batch_checks` travel to pinned host memory behind
+    them. `confirm` reads them once the forward is queued: by then the device has long passed them, so the host
+    waits for nothing that keeps the device busy, and the host can queue the next step while the device works.
+    A bad batch raises the same ValueError as the checked path; a batch that turns out to have padding, or more
+    labels than the bound, is computed again on the checked path (and the guess stops until the next full batch).
+    The embeddings read clamped ids meanwhile, so bad ids never index out of bounds before the error is raised.
+    """
+
+    def __init__(self, names: list[str], values: torch.Tensor, num_labelled_bound: int, attention_mask, labels,
+                 config):
+        self.names = names
+        self.num_labelled_bound = num_labelled_bound
+        self.attention_mask, self.labels = attention_mask, labels
+        self.vocab_size, self.type_vocab_size = config.vocab_size, config.type_vocab_size
+        on_cuda = values.is_cuda
+        self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_cuda)
+        self.host.copy_(values, non_blocking=on_cuda)
+        self.ready = torch.cuda.Event() if on_cuda else None
+        if on_cuda:
+            self.ready.record()
+
+    def confirm(self) -> int | None:
+        """The number of labelled tokens when the guess held; None when the batch must be computed again. Raises
+        ValueError for a bad batch."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        lengths, num_labelled = check_batch_values(self.names, self.host.tolist(), self.attention_mask, self.labels,
+                                                   self.vocab_size, self.type_vocab_size, self.vocab_size)
+        if min(lengths) < self.attention_mask.shape[1] or num_labelled > self.num_labelled_bound:
+            return None
+        return num_labelled
 
 
 def unpad_rows(mask: torch.Tensor, labels: torch.Tensor | None, total_tokens: int, num_labelled: int):
@@ -847,6 +923,10 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         self.embeddings = MosaicBertEmbeddings(config)
         self.encoder = MosaicBertEncoder(config)
         self.pooler = MosaicBertPooler(config) if add_pooling_layer else None
+        # What the last checked batch showed, for `PackedBatchGuess`: its (batch, seqlen) if it held no padding, and
+        # its labelled-token count.
+        self.packed_shape: tuple[int, int] | None = None
+        self.last_num_labelled = 0
         self.post_init()
 
     def get_input_embeddings(self):
@@ -866,6 +946,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         labels_per_token: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        guess_packed: bool = False,
     ) -> Encoding:
         """Checks the inputs and the head's labels, then runs the encoder on the real tokens only and returns the
         result in the unpadded layout (what the heads build on).
@@ -874,6 +955,8 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         labels: the head's class labels, checked against num_label_classes with the inputs (one host
         synchronisation for all): (batch, seqlen) per token (-100 on padding) or (batch,) per example.
         Padding may sit anywhere in a row; ALiBi positions count real tokens only.
+        guess_packed: with token labels on CUDA, run on a `PackedBatchGuess` when the last batch of this shape held no
+        padding; the caller must then confirm `Encoding.guess` before using the result.
         """
         if torch.jit.is_tracing():
             raise ValueError(
@@ -892,6 +975,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             token_type_ids = torch.zeros(batch_size, seqlen, dtype=torch.int64, device=padded.device)
         mask = attention_mask != 0
         token_labels = labels if labels is not None and labels_per_token else None
+        guess = None
         if torch.compiler.is_exporting():  # no value checks, no unpadding: the layers run on every position
             layout, labelled = TokenLayout(mask), None
         else:
@@ -903,10 +987,18 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
                 real_rows = torch.arange(order.shape[0], device=order.device) < cu_seqlens[-1]
                 layout = TokenLayout(mask, order, cu_seqlens, max_seqlen=seqlen, real_rows=real_rows)
                 labelled = None
+            elif guess_packed and token_labels is not None and self.guess_applies(padded, output_attentions,
+                                                                                   output_hidden_states):
+                guess, layout, labelled = self.guess_packed_layout(attention_mask, input_ids, token_type_ids, labels)
+                input_ids = input_ids.clamp(0, self.config.vocab_size - 1)  # read before the checks arrive
+                token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
+                padded = input_ids
             else:
                 lengths, num_labelled = read_batch(*args)
                 indices, cu_seqlens, labelled = unpad_rows(mask, token_labels, sum(lengths), num_labelled)
                 layout = TokenLayout(mask, indices, cu_seqlens, max_seqlen=max(lengths), lengths=lengths)
+                self.packed_shape = (batch_size, seqlen) if min(lengths) == seqlen else None
+                self.last_num_labelled = num_labelled
         rows = layout.unpad(padded)
         hidden_states = self.embeddings(
             rows if input_ids is not None else None, layout.unpad(token_type_ids),
@@ -922,7 +1014,43 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             attentions=all_probabilities,
             labels=None if token_labels is None else layout.unpad(token_labels),
             labelled=None if token_labels is None else labelled,
+            guess=guess,
         )
+
+    def guess_applies(self, padded: torch.Tensor, output_attentions: bool, output_hidden_states: bool) -> bool:
+        """Whether this batch may run on a `PackedBatchGuess`: token ids on CUDA (where a host read waits for the
+        device), of the shape of the last checked batch, which held no padding; no per-layer outputs asked for."""
+        return (
+            padded.device.type in GUESS_DEVICES and not padded.dtype.is_floating_point
+            and self.packed_shape == tuple(padded.shape) and not output_attentions and not output_hidden_states
+        )
+
+    def guess_packed_layout(self, attention_mask, input_ids, token_type_ids, labels):
+        """The `PackedBatchGuess` of a (batch, seqlen) batch with token labels: every position a real token, and the
+        labelled rows up to a bound 3% + 128 above the last batch's count (filled with the row count). Returns the
+        guess, the layout and the (bound,) labelled rows."""
+        batch_size, seqlen = attention_mask.shape
+        rows, device = batch_size * seqlen, attention_mask.device
+        names, values = batch_checks(attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size, True)
+        bound = min(rows, -(-(self.last_num_labelled * 103 // 100 + 128) // 64) * 64)
+        guess = PackedBatchGuess(names, values, bound, attention_mask, labels, self.config)
+        layout = TokenLayout(
+            attention_mask != 0, torch.arange(rows, device=device),
+            torch.arange(0, rows + 1, seqlen, dtype=torch.int32, device=device), max_seqlen=seqlen,
+            lengths=[seqlen] * batch_size,
+        )
+        labelled = torch.nonzero_static(labels.flatten() != -100, size=bound, fill_value=rows).flatten()
+        return guess, layout, labelled
+
+    def confirm_guess(self, guess: PackedBatchGuess) -> int | None:
+        """`PackedBatchGuess.confirm`, remembering the labelled count (or, when the guess failed, that the next batch
+        must be checked first)."""
+        num_labelled = guess.confirm()
+        if num_labelled is None:
+            self.packed_shape = None
+        else:
+            self.last_num_labelled = num_labelled
+        return num_labelled
 
     @can_return_tuple
     def forward(
@@ -1014,6 +1142,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             input_ids, attention_mask, token_type_ids, inputs_embeds,
             labels=labels, num_label_classes=self.config.vocab_size, labels_per_token=True,
             **_output_flags(self.config, output_attentions, output_hidden_states),
+            guess_packed=compact_logits if compact_logits is not None else self.training,
         )
         if compact_logits and encoding.labelled is None:
             raise ValueError("compact_logits=True needs the labelled count, which compiled or exported graphs lack")
@@ -1022,6 +1151,21 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         loss = None
         if labels is None:
             logits = encoding.pad(self.cls(encoding.hidden_states))
+        elif compact and encoding.guess is not None:
+            # The filler rows (index = row count) score the last row against -100; out-of-range targets become
+            # -100 too until the checks arrive, so the loss never indexes out of bounds.
+            rows = encoding.labelled.clamp(max=encoding.hidden_states.shape[0] - 1)
+            targets = encoding.labels.index_select(0, rows)
+            vocab = self.config.vocab_size
+            targets = targets.where((encoding.labelled < encoding.labels.shape[0]) & (targets >= 0) & (targets < vocab),
+                                    -100)
+            logits = self.cls(encoding.hidden_states.index_select(0, rows))
+            loss = masked_lm_loss(logits, targets, implementation)
+            num_labelled = self.bert.confirm_guess(encoding.guess)
+            if num_labelled is None:  # the batch had padding, or more labels than the bound: the checked path
+                return self.forward(input_ids, attention_mask, token_type_ids, inputs_embeds, labels,
+                                    output_attentions, output_hidden_states, compact_logits, return_dict=True)
+            logits = logits[:num_labelled]
         elif compact:
             targets = encoding.labels.index_select(0, encoding.labelled)
             logits = self.cls(encoding.hidden_states.index_select(0, encoding.labelled))
