@@ -144,7 +144,7 @@ class MergeOptions:
                 "results.json + results.md in --output-dir; refuses runs that disagree on model, hyperparameters "
                 "or init, and a task's seed given twice", "metavar": "RESULTS_JSON"})
     note: list[str] = field(default_factory=list, metadata={
-        "help": "with --merge: lines shown under the results table"})
+        "help": "with --merge: lines shown under the results table (repeatable)", "action": "extend"})
 
 
 def glue_main(opts: GlueOptions, merging: MergeOptions) -> dict:

@@ -74,6 +74,16 @@ def test_sample_data_and_packing(tokenizer):
     assert [f.name for f in files] == ["enwiki-vital-summaries-sample.txt.xz"]  # README.md is not training data
     docs = list(iter_documents(files))
     assert len(docs) > 900 and all(docs)
+
+    class Progress:  # what tokenizing's progress bar is given: the bytes read from each (compressed) file
+        n = 0
+
+        def update(self, n):
+            self.n += n
+
+    progress = Progress()
+    assert list(iter_documents(files, progress=progress)) == docs
+    assert progress.n == files[0].stat().st_size
     p = Packer(16, tokenizer.cls_token_id, tokenizer.sep_token_id)
     p.add_document(list(range(1000, 1020)))
     p.add_document(list(range(2000, 2005)))
@@ -110,6 +120,8 @@ def test_mlm_collator(tokenizer):
     m2, l2 = premask(ids.numpy(), MLMCollator(tokenizer, 0.15), seed=3)
     assert (m1 == m2).all() and (l1 == l2).all() and 0.12 < (l1 != -100).mean() < 0.18
     out = coll([{"input_ids": torch.from_numpy(m1[0]), "labels": torch.from_numpy(l1[0])}])
+    packed = coll([{"input_ids": row} for row in ids[:8]])  # equal lengths: stacked, nothing padded
+    assert packed["input_ids"].shape == (8, 128) and bool(packed["attention_mask"].all())
     assert (out["labels"][0].numpy() == l1[0]).all() and (out["input_ids"][0].numpy() == m1[0]).all()
 
 
@@ -545,12 +557,13 @@ def test_glue_merge_cli(tmp_path):
     for i, run in enumerate([{"rte": {1: 0.5}}, {"rte": {2: 0.6}}, {"wnli": {1: 0.4}}]):
         paths.append(tmp_path / f"run{i}.json")
         paths[-1].write_text(json.dumps(_glue_run(run)))
-    cli.main(["--merge", *map(str, paths), "--output-dir", str(tmp_path / "merged"), "--note", "a quick check"])
+    cli.main(["--merge", *map(str, paths), "--output-dir", str(tmp_path / "merged"), "--note", "a quick check",
+              "--note", "a second note"])
     data = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert set(data["tasks"]["rte"]["seeds"]) == {"1", "2"} and data["average_over"] == 2
     md = (tmp_path / "merged" / "results.md").read_text()
     assert "| RTE | acc 55.00 ± 5.00 | 55.00 | 2 |" in md and "| WNLI | acc 40.00" in md
-    assert "Note: a quick check" in md
+    assert "Note: a quick check" in md and "Note: a second note" in md
     with pytest.raises(SystemExit):  # --merge trains nothing
         cli.main(["--merge", str(paths[0]), "--model", "x", "--output-dir", str(tmp_path / "m2")])
 
