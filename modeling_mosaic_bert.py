@@ -831,7 +831,12 @@ def _op_registered(name: str) -> bool:
 
 if not _op_registered("check_batch"):
 
-    @torch.library.custom_op(f"{_OPS_NAMESPACE}::check_batch", mutates_args=())
+    # It reads the device (the checks), so CUDA graphs must not capture it: inductor leaves it out of them.
+    @torch.library.custom_op(
+        f"{_OPS_NAMESPACE}::check_batch",
+        mutates_args=(),
+        tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else (),
+    )
     def check_batch(
         attention_mask: torch.Tensor,
         input_ids: torch.Tensor | None,
