@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from transformers import HfArgumentParser
 
 
+class OptionError(ValueError):
+    """Options that do not go together (or one that is missing); a command line reports it as a usage error."""
+
+
 def _is_flag(action) -> bool:
     """A bool field's option: `--flag` alone means True (HfArgumentParser gives it nargs="?" and const=True)."""
     return action.nargs == "?" and action.const is True

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from . import REPO_ROOT
+from .cli import OptionError
 from .common import (
     bf16_available,
     check_one_gpu_per_process,
@@ -132,7 +133,7 @@ class GlueOptions:
 
     def __post_init__(self):
         if self.model and self.random_init:
-            raise ValueError("pass either --model or --random-init, not both")
+            raise OptionError("pass either --model or --random-init, not both")
 
 
 @dataclass
@@ -151,12 +152,12 @@ def glue_main(opts: GlueOptions, merging: MergeOptions) -> dict:
     """What scripts/glue.py runs: merge results files (`merging.merge`), or fine-tune."""
     if merging.merge:
         if opts.model or opts.random_init:
-            raise ValueError("--merge trains nothing: leave out --model / --random-init")
+            raise OptionError("--merge trains nothing: leave out --model / --random-init")
         results = merge_results(merging.merge, notes=merging.note)
         print(write_results(results, opts.output_dir).read_text())
         return results
     if merging.note:
-        raise ValueError("--note goes with --merge")
+        raise OptionError("--note goes with --merge")
     return run_glue(opts)
 
 
@@ -255,7 +256,7 @@ def _load_model(opts: GlueOptions, task: str, init: str | None):
         model = modeling.MosaicBertForSequenceClassification(config)
         register_code_for_save(model, "AutoModelForSequenceClassification")
         return model
-    raise ValueError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
+    raise OptionError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
 
 
 def _subsample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
@@ -467,7 +468,7 @@ def run_glue(opts: GlueOptions) -> dict:
     """Fine-tune every task and seed of `opts`; writes results.json and results.md to opts.output_dir."""
     setup_logging()
     if not opts.model and not opts.random_init:
-        raise ValueError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
+        raise OptionError("pass --model CHECKPOINT (or --random-init PRESET for a smoke test)")
     tasks = [canonical_task(t) for t in opts.tasks]
     tasks = [t for t in TASK_ORDER if t in tasks]  # MNLI first, so "auto" can chain into RTE/MRPC/STS-B
     out = Path(opts.output_dir)

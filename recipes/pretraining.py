@@ -28,6 +28,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from .cli import OptionError
 from .common import (
     bf16_available,
     check_one_gpu_per_process,
@@ -186,6 +187,12 @@ class OutputOptions:
 @dataclass
 class PretrainingOptions(OutputOptions, OptimisationOptions, DataOptions, ModelOptions):
     """Every option of the pretraining recipe (the fields of the four groups)."""
+
+    def __post_init__(self):
+        if self.dataset and not self.max_steps > 0:
+            raise OptionError("--dataset streams data of unknown length: pass --max-steps")
+        if self.max_time_minutes is not None and not self.max_time_minutes > 0:
+            raise OptionError(f"--max-time-minutes must be positive, got {self.max_time_minutes}")
 
 
 OPTION_GROUPS = (ModelOptions, DataOptions, OptimisationOptions, OutputOptions)
@@ -351,8 +358,6 @@ def _materialize_stream(ds: StreamingTextDataset, n: int) -> np.ndarray:
 
 
 def _stream_data(opts: PretrainingOptions, tokenizer) -> tuple:
-    if not opts.max_steps or opts.max_steps <= 0:
-        raise ValueError("--dataset streams data of unknown length: pass --max-steps")
     kw = dict(tokenizer=tokenizer, seq_len=opts.max_seq_length, streaming=opts.streaming,
               data_files=opts.dataset_data_files)
     train = StreamingTextDataset(opts.dataset, opts.dataset_config, opts.dataset_split, opts.dataset_text_field,

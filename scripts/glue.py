@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recipes.cli import build_parser, parse  # noqa: E402
+from recipes.cli import OptionError, build_parser, parse  # noqa: E402
 from recipes.glue import TASK_RECIPES, GlueOptions, MergeOptions, glue_main  # noqa: E402
 
 
@@ -31,12 +31,9 @@ def description() -> str:
 def main(argv=None):
     parser = build_parser([GlueOptions, MergeOptions], description())
     try:
-        opts, merging = parse(parser, argv)
-        glue_main(opts, merging)
-    except ValueError as e:
-        if "--" not in str(e):
-            raise
-        parser.error(str(e))  # a wrong combination of options: usage and the message, exit status 2
+        glue_main(*parse(parser, argv))
+    except OptionError as e:
+        parser.error(str(e))  # usage and the message, exit status 2
 
 
 if __name__ == "__main__":

@@ -19,16 +19,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recipes.cli import build_parser, merged, parse  # noqa: E402
+from recipes.cli import OptionError, build_parser, merged, parse  # noqa: E402
 from recipes.pretraining import OPTION_GROUPS, PretrainingOptions, run_pretraining  # noqa: E402
 
 
-def parse_args(argv=None) -> PretrainingOptions:
-    return merged(PretrainingOptions, parse(build_parser(OPTION_GROUPS, __doc__), argv))
+def parse_args(argv=None, parser=None) -> PretrainingOptions:
+    return merged(PretrainingOptions, parse(parser or build_parser(OPTION_GROUPS, __doc__), argv))
 
 
 def main(argv=None):
-    run_pretraining(parse_args(argv))
+    parser = build_parser(OPTION_GROUPS, __doc__)
+    try:
+        run_pretraining(parse_args(argv, parser))
+    except OptionError as e:
+        parser.error(str(e))  # usage and the message, exit status 2
 
 
 if __name__ == "__main__":

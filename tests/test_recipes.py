@@ -407,6 +407,10 @@ def test_pretrain_command_line_is_the_options_dataclass():
         cli.parse_args(["--precision", "fp8"])
     with pytest.raises(SystemExit):
         cli.parse_args(["--max-step", "7x"])
+    with pytest.raises(SystemExit):  # options that do not go together: a usage error before anything runs
+        cli.main(["--dataset", "allenai/c4"])
+    with pytest.raises(ValueError, match="--max-time-minutes must be positive"):
+        PretrainingOptions(max_time_minutes=0)
     assert all(f.metadata.get("help") for f in fields(PretrainingOptions)), "every option has its help"
 
 
@@ -566,6 +570,8 @@ def test_glue_merge_cli(tmp_path):
     assert "Note: a quick check" in md and "Note: a second note" in md
     with pytest.raises(SystemExit):  # --merge trains nothing
         cli.main(["--merge", str(paths[0]), "--model", "x", "--output-dir", str(tmp_path / "m2")])
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "x", "--random-init", "tiny"])
 
 
 @pytest.mark.parametrize("other, message", [
