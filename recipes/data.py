@@ -203,11 +203,11 @@ def tokenize_and_pack(
         n_docs += 1
         if len(batch) >= batch_docs:
             flush()
-            bar.set_postfix(documents=n_docs, tokens=n_tokens, refresh=False)
+            bar.set_postfix(documents=f"{n_docs:,}", tokens=f"{n_tokens:,}", refresh=False)
         if max_documents and n_docs >= max_documents:
             break
     flush()
-    bar.set_postfix(documents=n_docs, tokens=n_tokens, refresh=False)
+    bar.set_postfix(documents=f"{n_docs:,}", tokens=f"{n_tokens:,}", refresh=False)
     bar.close()
     arr = packer.array()
     stats = {
