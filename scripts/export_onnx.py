@@ -160,17 +160,20 @@ def max_abs_diffs(model: torch.nn.Module, session, inputs: dict) -> dict[str, fl
     return diffs
 
 
-def median_latency(fn: Callable[[], object], repeats: int, warmup: int = 2,
-                   clock: Callable[[], float] = time.perf_counter) -> float:
-    """Median seconds of `repeats` timed calls of `fn`, after `warmup` untimed ones."""
+def median_latencies(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each of `runs`, over `repeats` timed calls each after `warmup` untimed ones.
+    The calls are interleaved (one of each per round), so that a busy spell of the machine falls on all of them."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def measure_latency(model: torch.nn.Module, session, inputs: dict, repeats: int,
@@ -182,10 +185,8 @@ def measure_latency(model: torch.nn.Module, session, inputs: dict, repeats: int,
         with torch.inference_mode():
             model(**inputs)
 
-    return {
-        "onnxruntime": median_latency(lambda: session.run(None, feed), repeats, clock=clock),
-        "pytorch_eager": median_latency(eager, repeats, clock=clock),
-    }
+    return median_latencies({"onnxruntime": lambda: session.run(None, feed), "pytorch_eager": eager}, repeats,
+                            clock=clock)
 
 
 def check_export(model: torch.nn.Module, session, tokenizer, options: ExportOptions) -> dict[str, float]:

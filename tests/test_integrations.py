@@ -161,12 +161,15 @@ def test_export_script_check_fails_when_onnxruntime_drifts_from_eager(checkpoint
     assert script.check_export(model, DriftingSession(), tokenizer, dataclasses.replace(options, atol=3e-4))
 
 
-def test_export_script_latency_is_the_median_of_timed_calls_after_warmup():
+def test_export_script_latency_is_the_median_of_interleaved_timed_calls_after_warmup():
     script = load_export_script()
-    ticks = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # three timed calls of 3, 1 and 2 seconds
+    # rounds of (a, b): a takes 3, 1, 2 s, b takes 10, 30, 20 s
+    ticks = iter([0.0, 3.0, 3.0, 13.0, 20.0, 21.0, 21.0, 51.0, 60.0, 62.0, 62.0, 82.0])
     calls = []
-    median = script.median_latency(lambda: calls.append(1), repeats=3, warmup=2, clock=lambda: next(ticks))
-    assert median == 2.0 and len(calls) == 5
+    medians = script.median_latencies({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
+                                      warmup=2, clock=lambda: next(ticks))
+    assert medians == {"a": 2.0, "b": 20.0}
+    assert calls == ["a", "b"] * 5
 
 
 # --------------------------------------------------------------------------------------------------------------
