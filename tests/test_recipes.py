@@ -331,6 +331,37 @@ def test_time_budget_stops_training_at_the_end_of_its_schedule(tmp_path, cache_d
     assert json.loads(record.read_text()) == {"spent_seconds": 30.0, "budget_seconds": 30.0}
 
 
+def test_time_budget_across_processes_reads_rank_0_at_logging_steps_only(monkeypatch):
+    """With several processes, rank 0's budget fraction is broadcast at logging steps (where the Trainer synchronises
+    anyway) and held in between: every process uses the same rate and stops at the same step, at most
+    logging_steps steps after the budget is spent."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    broadcasts = []
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: broadcasts.append((src, tensor.item())))
+    now = [0.0]
+    budget = TimeBudgetCallback(minutes=12 / 60, clock=lambda: now[0])
+    args, control = SimpleNamespace(device=torch.device("cpu")), TrainerControl()
+    state = SimpleNamespace(global_step=0, logging_steps=5)
+    budget.on_train_begin(args, state, control)
+    fractions = {}
+    for step in range(1, 30):
+        now[0] = float(step)  # one second a step
+        budget.on_optimizer_step(args, state, control)
+        state.global_step = step
+        budget.on_step_end(args, state, control)
+        fractions[step] = budget.fraction
+        if control.should_training_stop:
+            break
+    assert budget.stopped_at_step == 15 and control.should_save  # spent at step 12, seen at the next logging step
+    assert broadcasts == [(0, 5 / 12), (0, 10 / 12), (0, 15 / 12)]
+    assert fractions[4] == 0 and fractions[7] == fractions[9] == 5 / 12 and fractions[12] == 10 / 12
+
+
 def test_time_budget_continues_from_the_time_a_checkpoint_recorded(tmp_path):
     checkpoint = tmp_path / "checkpoint-40"
     checkpoint.mkdir()
