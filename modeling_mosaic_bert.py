@@ -953,8 +953,9 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         output_hidden_states: bool = False,
         guess_packed: bool = False,
     ) -> Encoding:
-        """Checks the inputs and the head's labels, then runs the encoder on the real tokens only and returns the
-        result in the unpadded layout (what the heads build on).
+        """Checks the inputs and the head's labels, then runs the encoder and returns its result in the layout it ran
+        on (what the heads build on): the real tokens only in eager; every position while exporting, sorted real
+        tokens first under torch.compile (`TokenLayout`).
 
         input_ids, attention_mask, token_type_ids: (batch, seqlen); inputs_embeds: (batch, seqlen, hidden).
         labels: the head's class labels, checked against num_label_classes with the inputs (one host
