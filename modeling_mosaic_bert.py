@@ -114,26 +114,37 @@ class MosaicBertLayerNorm(nn.LayerNorm):
 
 
 class MosaicBertResidualLayerNorm(MosaicBertLayerNorm):
-    """The end of every encoder block, LN(dropout(x) + residual). Runs as one fused Triton kernel each way where
-    `kernel_policy_reason` allows (the sum and the dropout mask are never stored), else as dropout, add and
-    MosaicBertLayerNorm. Parameters and state-dict keys are those of nn.LayerNorm."""
+    """The end of every encoder block, LN(dropout(projection(x)) + residual). Runs as one fused Triton kernel each way
+    where `kernel_policy_reason` allows: the projection's matmul runs without its bias, which the kernel adds (and
+    whose gradient its backward sums beside the LayerNorm's), and the sum and the dropout mask are never stored. Else
+    the projection, dropout, add and MosaicBertLayerNorm. Parameters and state-dict keys are those of nn.LayerNorm."""
 
     def __init__(self, config: MosaicBertConfig, dropout_prob: float):
         super().__init__(config.hidden_size, eps=config.layer_norm_eps)
         self.config = config
         self.dropout_prob = dropout_prob
 
-    def kernel_unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor) -> str | None:
+    def kernel_unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor, x_bias=None) -> str | None:
         """Why the fused kernel cannot run on these (total_tokens, hidden) inputs, or None."""
         return kernel_policy_reason(attn_implementation_of(self.config), x) or layer_norm_unsupported_reason(
-            x, residual, self.weight, self.bias)
+            x, residual, self.weight, self.bias, x_bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """(total_tokens, hidden) twice -> (total_tokens, hidden)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+        """x: (total_tokens, in_features), residual: (total_tokens, hidden) -> (total_tokens, hidden).
+        projection: the block's output nn.Linear (in_features -> hidden). Only a plain nn.Linear with a bias has its
+        bias fused; a wrapped one (a PEFT adapter, say) runs as it is."""
         dropout_p = self.dropout_prob if self.training else 0.0
-        if self.kernel_unsupported_reason(x, residual) is None:
-            return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p)
-        return super().forward(F.dropout(x, dropout_p, self.training) + residual)
+        if type(projection) is nn.Linear and projection.bias is not None:
+            projected = F.linear(x, projection.weight)
+            if self.kernel_unsupported_reason(projected, residual, projection.bias) is None:
+                return dropout_add_layer_norm(projected, residual, self.weight, self.bias, self.eps, dropout_p,
+                                              x_bias=projection.bias)
+            projected = projected + projection.bias.to(projected.dtype)
+        else:
+            projected = projection(x)
+            if self.kernel_unsupported_reason(projected, residual) is None:
+                return dropout_add_layer_norm(projected, residual, self.weight, self.bias, self.eps, dropout_p)
+        return super().forward(F.dropout(projected, dropout_p, self.training) + residual)
 
 
 class MosaicBertEmbeddings(nn.Module):
@@ -189,7 +200,7 @@ class MosaicBertGatedMLP(nn.Module):
         else:
             gate, value = projected.split(self.intermediate_size, dim=-1)
             activated = self.dropout(self.act(gate) * value)
-        return self.layernorm(self.wo(activated), hidden_states)
+        return self.layernorm(activated, hidden_states, self.wo)
 
 
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -467,7 +478,7 @@ class MosaicBertSelfOutput(nn.Module):
 
     def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(tokens, hidden) twice -> (tokens, hidden)."""
-        return self.LayerNorm(self.dense(context), residual)
+        return self.LayerNorm(context, residual, self.dense)
 
 
 class MosaicBertAttention(nn.Module):
