@@ -29,6 +29,7 @@ def _refresh_script():
     spec = importlib.util.spec_from_file_location("refresh_checkpoint", os.path.join(REPO_ROOT, "scripts",
                                                                                      "refresh_checkpoint.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -15,7 +15,8 @@ AUTO_MAP = {
     "AutoModelForQuestionAnswering": "modeling_mosaic_bert.MosaicBertForQuestionAnswering",
 }
 
-ATTENTION_BACKENDS = ("auto", "triton", "torch")
+# `attention_backend`, the switch before transformers' own `attn_implementation`, and what each value now is.
+LEGACY_ATTENTION_BACKENDS = {"auto": "sdpa", "torch": "eager", "triton": "flash_attention_2"}
 
 
 class MosaicBertConfig(PretrainedConfig):
@@ -42,11 +43,18 @@ class MosaicBertConfig(PretrainedConfig):
             unset.
         alibi_starting_size (`int`, defaults to 512): the sequence length MosaicBERT was pretrained at. Kept for
             compatibility with original checkpoints; ALiBi is computed for any length, so nothing depends on it.
-        attention_backend (`str`, defaults to `"auto"`): where the Triton kernels run: the fused FlashAttention
-            kernel and the fused GeGLU activation (with its dropout) of the feed-forward. `"triton"` requires the
-            attention kernel (CUDA) and uses the GeGLU kernel wherever it supports the inputs, `"torch"` runs the
-            model in PyTorch only (attention through scaled_dot_product_attention per sequence), `"auto"` takes
-            the kernels for float16/bfloat16 CUDA tensors and PyTorch elsewhere.
+
+    Attention and kernels follow transformers' own switch, `attn_implementation` (pass it to `from_pretrained`, to
+    this config, or change it with `model.set_attn_implementation`); it chooses for all four fused Triton kernels
+    (attention, GeGLU, residual LayerNorm, masked-LM loss):
+        - `"sdpa"` (default): the kernels on CUDA tensors in float16/bfloat16, PyTorch everywhere else (attention
+          through scaled_dot_product_attention);
+        - `"eager"`: PyTorch only, attention probabilities computed explicitly;
+        - `"flash_attention_2"`: this package's Triton FlashAttention-2 kernel wherever it can run (a ValueError
+          names the reason where it cannot); the flash_attn package is not needed.
+    Migration: configs written before this switch carry `attention_backend`; it is still read, once, and mapped onto
+    `attn_implementation`: `"auto"` -> `"sdpa"`, `"torch"` -> `"eager"`, `"triton"` -> `"flash_attention_2"`
+    (an explicit `attn_implementation` wins). It is not saved again.
     """
 
     model_type = "mosaic_bert"
@@ -67,7 +75,6 @@ class MosaicBertConfig(PretrainedConfig):
         pad_token_id=0,
         classifier_dropout=None,
         alibi_starting_size=512,
-        attention_backend="auto",
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -75,8 +82,8 @@ class MosaicBertConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
             )
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        if "attention_backend" in kwargs:
+            kwargs.setdefault("attn_implementation", legacy_attn_implementation(kwargs.pop("attention_backend")))
         # An original MosaicBERT config points auto_map at `bert_layers`; this package's code replaces it.
         kwargs.pop("auto_map", None)
         self.vocab_size = vocab_size
@@ -92,10 +99,25 @@ class MosaicBertConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.classifier_dropout = classifier_dropout
         self.alibi_starting_size = alibi_starting_size
-        self.attention_backend = attention_backend
         super().__init__(
             pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, auto_map=dict(AUTO_MAP), **kwargs
         )
+
+    def __setattr__(self, key, value):
+        # Code written for the former switch (`config.attention_backend = "torch"`) sets the current one.
+        if key == "attention_backend":
+            key, value = "_attn_implementation", legacy_attn_implementation(value)
+        super().__setattr__(key, value)
+
+
+def legacy_attn_implementation(attention_backend: str) -> str:
+    """The attn_implementation that a former `attention_backend` value stands for."""
+    if attention_backend not in LEGACY_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"attention_backend must be one of {tuple(LEGACY_ATTENTION_BACKENDS)}, got {attention_backend!r} "
+            "(it is now attn_implementation: 'sdpa', 'eager' or 'flash_attention_2')"
+        )
+    return LEGACY_ATTENTION_BACKENDS[attention_backend]
 
 
 __all__ = ["MosaicBertConfig"]

@@ -22,14 +22,28 @@ losses, 0 (and a zero gradient) on rows whose label is ignore_index. The kernels
 label outside [0, V) that is not ignore_index gives its row a NaN loss and a NaN gradient (never an out-of-bounds read
 or a plausible wrong number); callers validate labels (the model does, in one host synchronisation).
 
-The operations are PyTorch custom ops (``torch.ops.mosaic_bert.cross_entropy_fwd`` / ``cross_entropy_bwd``) with fake
-implementations and autograd, so torch.compile can trace a model that calls `cross_entropy`. With ``TRITON_INTERPRET=1`` set before import, the kernels run on CPU tensors in Triton's interpreter
-(tests; float32 and float16 there). Shipped as Hugging Face remote code: imports only torch and triton.
+The operations are PyTorch custom ops (`fwd_op` / `bwd_op`, ``torch.ops.<OP_NAMESPACE>.cross_entropy_fwd`` /
+``cross_entropy_bwd``) with fake implementations and autograd, so torch.compile can trace a model that calls
+`cross_entropy`. With ``TRITON_INTERPRET=1`` set before import, the kernels run on CPU tensors in Triton's interpreter
+(tests; float32 and float16 there). Shipped as Hugging Face remote code: imports only torch, triton and its sibling
+triton_utils.py.
+
+Credits: the masked-LM head and loss are MosaicML's MosaicBERT (Portes et al., 2023). The forward kernel's streaming
+log-sum-exp is the online softmax (Milakov and Gimelshein, 2018) that FlashAttention (Dao et al., 2022; Dao, 2023)
+uses; the forward kernel follows the Triton tutorial "Fused Softmax" (one program per row, the row's maximum
+subtracted before exponentiating), and both use exp2 with log2(e) folded in, as the tutorial "Fused Attention" does.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # loaded as Hub remote code, inside a package
+    from .triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                               new_output, op_namespace, tensors_reason, unit_stride_reason)
+except ImportError:  # loaded from a folder on sys.path (tests, scripts)
+    from triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                              new_output, op_namespace, tensors_reason, unit_stride_reason)
 
 # Columns of a row per chunk: 16 elements per thread with 8 warps (num_warps = block / 512), i.e. two 16-byte loads
 # per thread in half precision (four in float32). The forward program pays two block-wide reductions (max and sum)
@@ -40,11 +54,6 @@ MAX_BLOCK = 4096
 INTERPRET_BLOCK = 1024  # chunk width in Triton's interpreter (small, so that tests at V = 3001 cross several chunks)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = 2^(x * log2(e)); a constexpr, so that the kernels may read it
-
-# Tests set this to True to fill freshly allocated outputs with NaN, so that an element the kernels forget to write
-# shows up as NaN instead of stale memory.
-_POISON_OUTPUTS = False
-
 
 # Forward, per row i of V logits x (read in their dtype, math in float32), one chunk of BLOCK columns at a time:
 #     m' = max(m, max_j x[j]),   s' = s * 2^((m - m') * log2(e)) + sum_j 2^((x[j] - m') * log2(e))   (m = -inf, s = 0)
@@ -110,56 +119,33 @@ def _ce_bwd_kernel(DLoss, X, Labels, Lse, DX, V, stride_dl, stride_xn, stride_dx
 # Host side
 # ----------------------------------------------------------------------------------------------------------------
 
-# True when Triton decorated the kernels for its CPU interpreter (TRITON_INTERPRET=1 at import). Read once here:
-# torch.compile cannot trace type() of a Triton kernel object.
-_INTERPRET = type(_ce_fwd_kernel).__name__ == "InterpretedFunction"
+# bfloat16 is refused in Triton's interpreter, which converts float32 to bfloat16 by truncation (the GPU rounds).
+_DTYPES = (torch.float32, torch.float16) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported_reason(logits, labels) -> str | None:
     """Why `cross_entropy` cannot run on these inputs, or None. Checks metadata only (no device synchronisation):
     the values of labels are not checked (see `cross_entropy`)."""
-    for name, t in (("logits", logits), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
-    if logits.device.type != "cuda" and not _INTERPRET:
-        return (f"logits is on {logits.device}; the Triton kernels need a CUDA device "
-                "(or TRITON_INTERPRET=1 for CPU tensors)")
-    if _INTERPRET and logits.device.type != "cpu":
-        return f"logits is on {logits.device}; in Triton's interpreter mode the kernels run on CPU tensors"
-    if labels.device != logits.device:
-        return f"labels is on {labels.device} but logits is on {logits.device}; both must be on one device"
-    allowed = (torch.float32, torch.float16) if _INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
-    if logits.dtype not in allowed:
-        return f"logits dtype {logits.dtype} is not supported ({', '.join(str(d) for d in allowed)})"
-    if labels.dtype != torch.int64:
-        return f"labels dtype {labels.dtype} is not supported (torch.int64)"
+    reason = (tensors_reason(logits=logits, labels=labels) or dtype_reason("logits", logits, _DTYPES)
+              or dtype_reason("labels", labels, (torch.int64,)))
+    if reason is not None:
+        return reason
     if logits.dim() != 2 or logits.shape[1] < 1:
         return f"logits must be (N, V) with V >= 1 classes, got shape {tuple(logits.shape)}"
     if labels.shape != logits.shape[:1]:
         return f"labels must have shape ({logits.shape[0]},) (N of logits), got {tuple(labels.shape)}"
-    if logits.stride(1) != 1 and logits.shape[1] > 1:
-        return f"logits must have unit stride on its last dimension, got strides {logits.stride()}"
-    if not labels.is_contiguous():
-        return f"labels must be contiguous, got stride {labels.stride()}"
-    return None
-
-
-def _new_output(shape, like, dtype=None):
-    dtype = like.dtype if dtype is None else dtype
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return unit_stride_reason("logits", logits) or contiguous_reason("labels", labels)
 
 
 def _launch_config(num_classes):
-    block = min(INTERPRET_BLOCK if _INTERPRET else MAX_BLOCK, triton.next_power_of_2(num_classes))
+    block = min(INTERPRET_BLOCK if INTERPRET else MAX_BLOCK, triton.next_power_of_2(num_classes))
     return block, min(max(block // 512, 1), 8)  # 16 elements per thread (two 16-byte loads in half precision)
 
 
 def _forward(logits, labels, ignore_index):
     n, num_classes = logits.shape
-    losses = _new_output((n,), logits, torch.float32)
-    lse = _new_output((n,), logits, torch.float32)
+    losses = new_output((n,), logits, torch.float32)
+    lse = new_output((n,), logits, torch.float32)
     if n:
         block, num_warps = _launch_config(num_classes)
         _ce_fwd_kernel[(n,)](
@@ -171,7 +157,7 @@ def _forward(logits, labels, ignore_index):
 def _backward(dlosses, logits, labels, lse, ignore_index):
     n, num_classes = logits.shape
     dlosses = dlosses.to(torch.float32)
-    dlogits = _new_output(logits.shape, logits)
+    dlogits = new_output(logits.shape, logits)
     if n:
         block, num_warps = _launch_config(num_classes)
         _ce_bwd_kernel[(n, triton.cdiv(num_classes, block))](
@@ -180,53 +166,41 @@ def _backward(dlosses, logits, labels, lse, ignore_index):
     return dlogits
 
 
-_NS = "mosaic_bert"
+def _fwd_fake(logits, labels, ignore_index):
+    n = logits.shape[0]
+    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
 
 
-def _registered(name):
-    try:
-        getattr(getattr(torch.ops, _NS), name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+def _bwd_fake(dlosses, logits, labels, lse, ignore_index):
+    return logits.new_empty(logits.shape)
 
 
-# Custom ops with fake implementations and autograd, so torch.compile traces them. A second import of this file (Hub
-# remote code loads it under its own module name) reuses the registered ops: they run the same kernels.
-if not _registered("cross_entropy_fwd"):
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index = inputs
+    _, lse = output
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.ignore_index = ignore_index
 
-    @torch.library.custom_op(f"{_NS}::cross_entropy_fwd", mutates_args=(),
-                             schema="(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)")
-    def _fwd_op(logits, labels, ignore_index):
-        return _forward(logits, labels, ignore_index)
 
-    @_fwd_op.register_fake
-    def _fwd_fake(logits, labels, ignore_index):
-        n = logits.shape[0]
-        return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+def _backward_of_forward(ctx, dlosses, dlse):
+    logits, labels, lse = ctx.saved_tensors
+    return backward_call(dlosses, logits, labels, lse, ctx.ignore_index), None, None
 
-    @torch.library.custom_op(
-        f"{_NS}::cross_entropy_bwd", mutates_args=(),
-        schema="(Tensor dlosses, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor")
-    def _bwd_op(dlosses, logits, labels, lse, ignore_index):
-        return _backward(dlosses, logits, labels, lse, ignore_index)
 
-    @_bwd_op.register_fake
-    def _bwd_fake(dlosses, logits, labels, lse, ignore_index):
-        return logits.new_empty(logits.shape)
-
-    def _setup_context(ctx, inputs, output):
-        logits, labels, ignore_index = inputs
-        _, lse = output
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.ignore_index = ignore_index
-
-    def _fwd_op_backward(ctx, dlosses, dlse):
-        logits, labels, lse = ctx.saved_tensors
-        return torch.ops.mosaic_bert.cross_entropy_bwd(dlosses, logits, labels, lse, ctx.ignore_index), None, None
-
-    _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
+# The custom ops, in this copy's own namespace (triton_utils.op_namespace: another copy of the code in the process
+# registers and runs its own ops), e.g. torch.ops.<OP_NAMESPACE>.cross_entropy_fwd.
+OP_NAMESPACE = op_namespace(__file__)
+fwd_op, bwd_op = define_ops(
+    OP_NAMESPACE,
+    ("cross_entropy_fwd", "(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)",  # losses, lse
+     _forward, _fwd_fake),
+    ("cross_entropy_bwd", "(Tensor dlosses, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor",
+     _backward, _bwd_fake),
+    _setup_context, _backward_of_forward)
+# What the public functions call: the implementations directly in eager mode, the ops when traced.
+forward_call = autograd_or_op(fwd_op, _forward, _setup_context, _backward_of_forward)
+backward_call = eager_or_op(bwd_op, _backward)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -245,5 +219,5 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         raise ValueError(reason)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    losses, _ = torch.ops.mosaic_bert.cross_entropy_fwd(logits, labels, ignore_index)
+    losses, _ = forward_call(logits, labels, ignore_index)
     return losses

@@ -31,17 +31,25 @@ All exponentials are base 2: ``log2(e)`` is folded into the softmax scale and in
 the ALiBi slopes, so ``exp(x) = exp2(x * log2(e))`` costs one MUFU instruction. The
 saved LSE is in the same base-2 units.
 
-The operations are registered as PyTorch custom ops (``torch.ops.mosaic_bert.*``)
-with fake (meta) implementations and autograd, so ``torch.compile(fullgraph=True)``
-can trace a model that calls either function.
+The operations are registered as PyTorch custom ops (`fwd_op` / `bwd_op`,
+``torch.ops.<OP_NAMESPACE>.*``) with fake (meta) implementations and autograd, so
+``torch.compile(fullgraph=True)`` can trace a model that calls either function.
 
 Running on CPU: with ``TRITON_INTERPRET=1`` set in the environment *before this
 module is imported* (Triton reads it when ``@triton.jit`` decorates a kernel), the
 kernels run in Triton's interpreter on CPU tensors (float32 and float16; bfloat16
 matrix products are not reliable in the interpreter, so they are refused there).
 
-This file is shipped as Hugging Face remote code: it imports only torch, triton and
-math, and touches no GPU at import time.
+This file is shipped as Hugging Face remote code: it imports only torch, triton, math
+and its sibling triton_utils.py, and touches no GPU at import time.
+
+Credits: the algorithm is FlashAttention-2 (Tri Dao, "FlashAttention-2: Faster
+Attention with Better Parallelism and Work Partitioning", 2023), after FlashAttention
+(Dao et al., 2022); the kernels' structure (an inner loop over key blocks, exp2 with
+log2(e) folded into the scale, a preprocess kernel for delta, separate dK/dV and dQ
+kernels) follows the Triton tutorial "Fused Attention". Unpadded attention with ALiBi
+(Press et al., 2022) is MosaicML's MosaicBERT (Portes et al., 2023), which called
+a Triton FlashAttention kernel the same way.
 """
 
 import math
@@ -49,6 +57,13 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+try:  # loaded as Hub remote code, inside a package
+    from .triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                               new_output, op_namespace, tensors_reason, unit_stride_reason)
+except ImportError:  # loaded from a folder on sys.path (tests, scripts)
+    from triton_utils import (INTERPRET, autograd_or_op, contiguous_reason, define_ops, dtype_reason, eager_or_op,  # noqa: I001
+                              new_output, op_namespace, tensors_reason, unit_stride_reason)
 
 LOG2E = 1.4426950408889634
 
@@ -84,11 +99,6 @@ SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_CONFIGS))
 # do_not_specialize: Triton would otherwise compile a separate variant of a kernel when such a value is 1
 # or divisible by 16, so a variable-length run would keep compiling during its first steps.
 
-# Tests set this to True to fill freshly allocated outputs with NaN, so that an
-# element the kernels forget to write shows up as NaN instead of stale memory.
-_POISON_OUTPUTS = False
-
-
 # ----------------------------------------------------------------------------------
 # Grid: every kernel below runs one program per (row block, sequence, head), with a
 # flat 1-D grid of  num_blocks * batch * heads  programs, num_blocks computed from
@@ -103,6 +113,24 @@ _POISON_OUTPUTS = False
 # at about the same time and share that head's K and V through the L2 cache.
 # A flat grid also avoids the 65535 limit of the grid's second and third axes.
 # ----------------------------------------------------------------------------------
+
+
+# The program's place in that grid: program id = (sequence * heads + head) * num_blocks + block. Returns block, head,
+# the sequence's first token in the packed tensors (int64) and its length (int32).
+@triton.jit
+def _program_block(CuSeqlens, num_heads, num_blocks):
+    pid = tl.program_id(0)
+    seq = pid // num_blocks // num_heads
+    start = tl.load(CuSeqlens + seq).to(tl.int64)
+    seqlen = (tl.load(CuSeqlens + seq + 1) - start).to(tl.int32)
+    return pid % num_blocks, pid // num_blocks % num_heads, start, seqlen
+
+
+# Pointers to the (len(rows), HEAD_DIM) tile of one head at token rows `rows` of a packed (total_tokens, heads,
+# HEAD_DIM) tensor whose token and head strides are stride_t and stride_h.
+@triton.jit
+def _tile(Base, rows, head, stride_t, stride_h, offs_d):
+    return Base + rows[:, None] * stride_t + head * stride_h + offs_d[None, :]
 
 
 # Forward, for one block of queries i of one (sequence, head), in base-2 units:
@@ -146,6 +174,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     return acc, l_i, m_i
 
 
+# Forward kernel: o_i and lse_i of one block of queries of one (sequence, head) by the math above, over the full
+# key blocks, then over the last, partial one with masking.
 @triton.jit(do_not_specialize=["num_m_blocks"])
 def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -155,13 +185,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
                 HAS_ALIBI: tl.constexpr):
     """Q, K, V: (total_tokens, heads, HEAD_DIM), any token/head strides.
     Out: (total_tokens, heads, HEAD_DIM). Lse: (heads, total_tokens) float32, base 2."""
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    seq = pid_bh // num_heads
-    head = pid_bh % num_heads
-    start = tl.load(CuSeqlens + seq).to(tl.int64)
-    seqlen = (tl.load(CuSeqlens + seq + 1) - start).to(tl.int32)
+    pid_m, head, start, seqlen = _program_block(CuSeqlens, num_heads, num_m_blocks)
     if pid_m * BLOCK_M >= seqlen:
         return
 
@@ -169,8 +193,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(_tile(Q, start + offs_m, head, stride_qt, stride_qh, offs_d), mask=row_ok[:, None], other=0.0)
     if HAS_ALIBI:
         neg_slope = -tl.load(Slopes + head * stride_sh).to(tl.float32) * 1.4426950408889634
     else:
@@ -191,8 +214,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, Slopes,
 
     acc = acc / l_i[:, None]
     tl.store(Lse + head * stride_lh + start + offs_m, m_i + tl.log2(l_i), mask=row_ok)
-    tl.store(Out + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_tile(Out, start + offs_m, head, stride_ot, stride_oh, offs_d), acc.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 # Backward preprocess:  delta_i = sum_d dO_id * O_id  (= sum_j P_ij dP_ij), per token
@@ -258,6 +281,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
+# dK / dV kernel: dK_j and dV_j of one block of keys of one (sequence, head) by the math above, over the full
+# query blocks, then over the last, partial one with masking; the softmax scale multiplies dK once at the end.
 @triton.jit(do_not_specialize=["num_n_blocks"])
 def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -267,13 +292,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
                      HAS_ALIBI: tl.constexpr):
     """Q, K, V, DOut, DK, DV: (total_tokens, heads, HEAD_DIM).
     Lse, Delta: (heads, total_tokens) float32. One program per BLOCK_N keys."""
-    pid = tl.program_id(0)
-    pid_n = pid % num_n_blocks
-    pid_bh = pid // num_n_blocks
-    seq = pid_bh // num_heads
-    head = pid_bh % num_heads
-    start = tl.load(CuSeqlens + seq).to(tl.int64)
-    seqlen = (tl.load(CuSeqlens + seq + 1) - start).to(tl.int32)
+    pid_n, head, start, seqlen = _program_block(CuSeqlens, num_heads, num_n_blocks)
     if pid_n * BLOCK_N >= seqlen:
         return
 
@@ -281,10 +300,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = (offs_n < seqlen)[:, None]
-    k = tl.load(K + (start + offs_n)[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-                mask=col_ok, other=0.0)
-    v = tl.load(V + (start + offs_n)[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                mask=col_ok, other=0.0)
+    k = tl.load(_tile(K, start + offs_n, head, stride_kt, stride_kh, offs_d), mask=col_ok, other=0.0)
+    v = tl.load(_tile(V, start + offs_n, head, stride_vt, stride_vh, offs_d), mask=col_ok, other=0.0)
     if HAS_ALIBI:
         neg_slope = -tl.load(Slopes + head * stride_sh).to(tl.float32) * 1.4426950408889634
     else:
@@ -305,10 +322,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
                              neg_slope, BLOCK_M, HAS_ALIBI, True)
 
     dk = dk * sm_scale
-    tl.store(DK + (start + offs_n)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + (start + offs_n)[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok)
+    tl.store(_tile(DK, start + offs_n, head, stride_dkt, stride_dkh, offs_d), dk.to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(_tile(DV, start + offs_n, head, stride_dvt, stride_dvh, offs_d), dv.to(DV.dtype.element_ty), mask=col_ok)
 
 
 # Backward for one block of queries i, looping over the key blocks j:
@@ -342,6 +357,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
     return dq
 
 
+# dQ kernel: dQ_i of one block of queries of one (sequence, head) by the math above, over the full key blocks,
+# then over the last, partial one with masking; the softmax scale multiplies dQ once at the end.
 @triton.jit(do_not_specialize=["num_m_blocks"])
 def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -351,13 +368,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
                    HAS_ALIBI: tl.constexpr):
     """Q, K, V, DOut, DQ: (total_tokens, heads, HEAD_DIM).
     Lse, Delta: (heads, total_tokens) float32. One program per BLOCK_M queries."""
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    seq = pid_bh // num_heads
-    head = pid_bh % num_heads
-    start = tl.load(CuSeqlens + seq).to(tl.int64)
-    seqlen = (tl.load(CuSeqlens + seq + 1) - start).to(tl.int32)
+    pid_m, head, start, seqlen = _program_block(CuSeqlens, num_heads, num_m_blocks)
     if pid_m * BLOCK_M >= seqlen:
         return
 
@@ -365,10 +376,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DOut + (start + offs_m)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q = tl.load(_tile(Q, start + offs_m, head, stride_qt, stride_qh, offs_d), mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile(DOut, start + offs_m, head, stride_dot, stride_doh, offs_d), mask=row_ok[:, None], other=0.0)
     lse = tl.load(Lse + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
     if HAS_ALIBI:
@@ -388,22 +397,16 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
                        BLOCK_N, HAS_ALIBI, True)
 
     dq = dq * sm_scale
-    tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_tile(DQ, start + offs_m, head, stride_dqt, stride_dqh, offs_d), dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------
 
-# True when Triton decorated the kernels for its CPU interpreter (TRITON_INTERPRET=1
-# was set when this module was imported). Read once here: torch.compile cannot trace
-# type() of a Triton kernel object.
-_INTERPRET = type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _interpreting():
-    return _INTERPRET
+# bfloat16 matrix products are not reliable in Triton's interpreter: refused there.
+_DTYPES = (torch.float32, torch.float16) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported_reason(q, k, v, cu_seqlens, alibi_slopes=None):
@@ -414,21 +417,12 @@ def unsupported_reason(q, k, v, cu_seqlens, alibi_slopes=None):
     non-decreasing entries, cu_seqlens[-1] == total_tokens and max_seqlen >= every
     sequence length.
     """
-    interp = _interpreting()
-    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
-        if not isinstance(t, torch.Tensor):
-            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
-    if q.device.type != "cuda" and not interp:
-        return (f"q is on {q.device}; the Triton kernels need a CUDA device "
-                "(or TRITON_INTERPRET=1 set before import, for CPU tensors)")
-    if interp and q.device.type != "cpu":
-        return f"q is on {q.device}; in Triton's interpreter mode the kernels run on CPU tensors"
-    for name, t in (("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
-        if t.device != q.device:
-            return f"{name} is on {t.device} but q is on {q.device}"
-    allowed = (torch.float32, torch.float16) if interp else (torch.float16, torch.bfloat16, torch.float32)
-    if q.dtype not in allowed:
-        return f"q dtype {q.dtype} is not supported (supported: {', '.join(str(d) for d in allowed)})"
+    named = {"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens}
+    if alibi_slopes is not None:
+        named["alibi_slopes"] = alibi_slopes
+    reason = tensors_reason(**named) or dtype_reason("q", q, _DTYPES)
+    if reason is not None:
+        return reason
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if q.dim() != 3:
@@ -438,30 +432,20 @@ def unsupported_reason(q, k, v, cu_seqlens, alibi_slopes=None):
     head_dim = q.shape[2]
     if head_dim not in FWD_CONFIGS:
         return f"head_dim {head_dim} is not supported (supported: {SUPPORTED_HEAD_DIMS})"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(2) != 1:
-            return f"{name} must have unit stride on its last dimension, got strides {t.stride()}"
+    reason = unit_stride_reason("q", q) or unit_stride_reason("k", k) or unit_stride_reason("v", v)
+    if reason is not None:
+        return reason
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        return f"cu_seqlens must be 1-D int32 with batch + 1 >= 2 entries, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-    if cu_seqlens.stride(0) != 1:
-        return "cu_seqlens must be contiguous"
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor):
-            return f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}"
-        if alibi_slopes.device != q.device:
-            return f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}"
-        if alibi_slopes.dtype != torch.float32:
-            return f"alibi_slopes must be float32, got {alibi_slopes.dtype}"
-        if alibi_slopes.shape != (q.shape[1],):
-            return f"alibi_slopes must have shape (heads,) = ({q.shape[1]},), got {tuple(alibi_slopes.shape)}"
+        return (f"cu_seqlens must be 1-D int32 with batch + 1 >= 2 entries, "
+                f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    reason = contiguous_reason("cu_seqlens", cu_seqlens)
+    if reason is not None or alibi_slopes is None:
+        return reason
+    if alibi_slopes.dtype != torch.float32:
+        return f"alibi_slopes must be float32, got {alibi_slopes.dtype}"
+    if alibi_slopes.shape != (q.shape[1],):
+        return f"alibi_slopes must have shape (heads,) = ({q.shape[1]},), got {tuple(alibi_slopes.shape)}"
     return None
-
-
-def _new_output(shape, like, dtype=None):
-    dtype = like.dtype if dtype is None else dtype
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def _slopes_args(alibi_slopes, q):
@@ -474,8 +458,8 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
     """q, k, v: (T, H, D). Returns out (T, H, D) contiguous and lse (H, T) float32 (base 2)."""
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    out = _new_output((total, heads, head_dim), q)
-    lse = _new_output((heads, total), q, torch.float32)
+    out = new_output((total, heads, head_dim), q)
+    lse = new_output((heads, total), q, torch.float32)
     if total == 0 or batch == 0 or max_seqlen <= 0:
         return out, lse
     block_m, block_n, num_warps, num_stages = FWD_CONFIGS[head_dim]
@@ -498,7 +482,7 @@ def _backward(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax
     q, k, v = qkv.unbind(1)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    dqkv = _new_output((total, 3, heads, head_dim), q)
+    dqkv = new_output((total, 3, heads, head_dim), q)
     if total == 0 or batch == 0 or max_seqlen <= 0:
         return dqkv
     dq, dk, dv = dqkv.unbind(1)
@@ -535,66 +519,56 @@ def _backward(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax
 
 
 # ----------------------------------------------------------------------------------
-# Custom ops. The schemas are spelled out (rather than inferred from annotations) so
-# that they read the same on every supported PyTorch version.
-# If this file is imported a second time under another module name (Hub remote code
-# can be loaded under its own package name next to a local copy), the ops already
-# registered are reused: they run the same kernels.
+# Custom ops
 # ----------------------------------------------------------------------------------
 
-_NS = "mosaic_bert"
+
+def _fwd_packed(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+    q, k, v = qkv.unbind(1)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
 
 
-def _registered(name):
-    try:
-        getattr(getattr(torch.ops, _NS), name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+def _fwd_fake(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+    total, _, heads, head_dim = qkv.shape
+    return qkv.new_empty((total, heads, head_dim)), qkv.new_empty((heads, total), dtype=torch.float32)
 
 
-if not _registered("flash_attn_varlen_qkvpacked_fwd"):
+def _bwd_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
+    return qkv.new_empty(qkv.shape)
 
-    @torch.library.custom_op(
-        f"{_NS}::flash_attn_varlen_qkvpacked_fwd", mutates_args=(),
-        schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor? alibi_slopes, "
-               "float softmax_scale) -> (Tensor, Tensor)")
-    def _fwd_op(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        q, k, v = qkv.unbind(1)
-        return _forward(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
 
-    @_fwd_op.register_fake
-    def _fwd_fake(qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        total, _, heads, head_dim = qkv.shape
-        return (qkv.new_empty((total, heads, head_dim)),
-                qkv.new_empty((heads, total), dtype=torch.float32))
+def _setup_context(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, alibi_slopes)
+    ctx.max_seqlen = max_seqlen
+    ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(lse)
 
-    @torch.library.custom_op(
-        f"{_NS}::flash_attn_varlen_qkvpacked_bwd", mutates_args=(),
-        schema="(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, "
-               "SymInt max_seqlen, Tensor? alibi_slopes, float softmax_scale) -> Tensor")
-    def _bwd_op(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        return _backward(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
 
-    @_bwd_op.register_fake
-    def _bwd_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale):
-        return qkv.new_empty(qkv.shape)
+def _backward_of_forward(ctx, dout, dlse):
+    qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
+    dqkv = backward_call(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes, ctx.softmax_scale)
+    return dqkv, None, None, None, None
 
-    def _setup_context(ctx, inputs, output):
-        qkv, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale = inputs
-        out, lse = output
-        ctx.save_for_backward(qkv, out, lse, cu_seqlens, alibi_slopes)
-        ctx.max_seqlen = max_seqlen
-        ctx.softmax_scale = softmax_scale
-        ctx.mark_non_differentiable(lse)
 
-    def _fwd_op_backward(ctx, dout, dlse):
-        qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
-        dqkv = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd(
-            dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, alibi_slopes, ctx.softmax_scale)
-        return dqkv, None, None, None, None
-
-    _fwd_op.register_autograd(_fwd_op_backward, setup_context=_setup_context)
+# The custom ops, in this copy's own namespace (triton_utils.op_namespace: another copy of the code in the process
+# registers and runs its own ops), e.g. torch.ops.<OP_NAMESPACE>.flash_attn_varlen_qkvpacked_fwd.
+OP_NAMESPACE = op_namespace(__file__)
+fwd_op, bwd_op = define_ops(
+    OP_NAMESPACE,
+    ("flash_attn_varlen_qkvpacked_fwd",
+     "(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor? alibi_slopes, float softmax_scale) "
+     "-> (Tensor, Tensor)",  # out, lse
+     _fwd_packed, _fwd_fake),
+    ("flash_attn_varlen_qkvpacked_bwd",
+     "(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, Tensor? alibi_slopes, "
+     "float softmax_scale) -> Tensor",  # dqkv
+     _backward, _bwd_fake),
+    _setup_context, _backward_of_forward)
+# What the public functions call: the implementations directly in eager mode, the ops when traced.
+forward_call = autograd_or_op(fwd_op, _fwd_packed, _setup_context, _backward_of_forward)
+backward_call = eager_or_op(bwd_op, _backward)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
@@ -619,7 +593,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=N
         raise ValueError(reason)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(qkv.shape[-1])
-    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd(
+    out, _ = forward_call(
         qkv, cu_seqlens, max_seqlen, alibi_slopes, float(softmax_scale))
     return out
 

@@ -2,14 +2,28 @@
 
 Tokens are unpadded once, when they enter `MosaicBertModel`: every matmul, LayerNorm and the attention itself see only
 the real tokens of the batch, concatenated as (total_tokens, hidden). Attention runs sequence by sequence through
-`cu_seqlens`, either in the fused Triton kernel of `flash_attn_triton.py` (CUDA, fp16/bf16) or in PyTorch's
-scaled_dot_product_attention. Outputs are padded back to (batch, seqlen, ...) only when they leave the model.
-Two more Triton kernels fuse the rest of a block's elementwise work on the same devices: the GeGLU activation with its
-dropout (`geglu_triton.py`) and dropout + residual + LayerNorm (`layernorm_triton.py`); a fourth computes the masked-LM
-loss from the half-precision logits (`cross_entropy_triton.py`). `kernel_policy_reason` decides, for all four, from
-`config.attention_backend`.
+`cu_seqlens`, either in the fused Triton kernel of `flash_attn_triton.py` (CUDA, fp16/bf16) or in PyTorch.
+Outputs are padded back to (batch, seqlen, ...) only when they leave the model. Two more Triton kernels fuse the rest
+of a block's elementwise work on the same devices: the GeGLU activation with its dropout (`geglu_triton.py`) and
+dropout + residual + LayerNorm (`layernorm_triton.py`); a fourth computes the masked-LM loss from the half-precision
+logits (`cross_entropy_triton.py`). transformers' own switch, `config._attn_implementation` (set with
+`attn_implementation=` in from_pretrained or `model.set_attn_implementation`), decides for all four
+(`kernel_policy_reason`).
+
+A forward reads the device once, at entry: one host synchronisation returns every value check of the inputs and the
+labels together with the sequence lengths that unpadding needs (`read_batch`). Three situations change the route:
+- torch.export / torch.onnx.export (`torch.compiler.is_exporting()`): no value checks and no unpadding. The layers run
+  on every position of the padded batch, attention is scaled_dot_product_attention with the ALiBi bias of each
+  sequence's real-token positions and a key-padding mask (`padded_attention`), and outputs are zeroed at padding.
+- torch.compile (`torch.compiler.is_compiling()`): the checks run as one custom operator, `check_batch`
+  (they still raise at run time; the compiler sees no value, so no guard on lengths, no recompile per batch, no graph
+  break), and the rows are sorted, not dropped: real tokens first, padding after, so that every shape follows the
+  padded batch's (`TokenLayout`, sorted). Attention is the Triton kernel where it runs (it reads the real rows
+  only), else `padded_attention`.
+- torch.jit.trace is refused: a trace would freeze one batch's unpadding.
 """
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -32,38 +46,55 @@ from transformers.modeling_outputs import (
 from transformers.utils.generic import can_return_tuple
 
 try:  # loaded as Hub remote code, inside a package
-    from .bert_padding import index_first_axis, pad_input, true_positions, unpad_input
+    from .bert_padding import index_first_axis, pad_input, true_positions
     from .configuration_mosaic_bert import MosaicBertConfig
 except ImportError:  # loaded from a folder on sys.path (tests, scripts)
-    from bert_padding import index_first_axis, pad_input, true_positions, unpad_input
+    from bert_padding import index_first_axis, pad_input, true_positions
     from configuration_mosaic_bert import MosaicBertConfig
 
 try:  # the Triton kernels are optional: without Triton, the model runs on PyTorch
-    from .cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
+    from .cross_entropy_triton import cross_entropy
+    from .cross_entropy_triton import unsupported_reason as cross_entropy_unsupported_reason
     from .flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
-    from .geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
-    from .layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
+    from .geglu_triton import geglu
+    from .geglu_triton import unsupported_reason as geglu_unsupported_reason
+    from .layernorm_triton import dropout_add_layer_norm
+    from .layernorm_triton import unsupported_reason as layer_norm_unsupported_reason
 except ImportError:
     try:
-        from cross_entropy_triton import cross_entropy, unsupported_reason as cross_entropy_unsupported_reason
+        from cross_entropy_triton import cross_entropy
+        from cross_entropy_triton import unsupported_reason as cross_entropy_unsupported_reason
         from flash_attn_triton import flash_attn_varlen_qkvpacked_func, unsupported_reason
-        from geglu_triton import geglu, unsupported_reason as geglu_unsupported_reason
-        from layernorm_triton import dropout_add_layer_norm, unsupported_reason as layer_norm_unsupported_reason
+        from geglu_triton import geglu
+        from geglu_triton import unsupported_reason as geglu_unsupported_reason
+        from layernorm_triton import dropout_add_layer_norm
+        from layernorm_triton import unsupported_reason as layer_norm_unsupported_reason
     except ImportError:
         flash_attn_varlen_qkvpacked_func = unsupported_reason = geglu = geglu_unsupported_reason = None
         dropout_add_layer_norm = layer_norm_unsupported_reason = cross_entropy = None
         cross_entropy_unsupported_reason = None
 
 
-def kernel_policy_reason(backend: str, tensor: torch.Tensor) -> str | None:
-    """The choice every fused Triton kernel shares: why `config.attention_backend` keeps this tensor off the kernels,
-    or None. "torch" never takes them, "auto" only for float16/bfloat16 CUDA tensors, "triton" whenever they can run."""
-    if backend == "torch":
-        return "attention_backend is 'torch'"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def attn_implementation_of(config) -> str:
+    """config._attn_implementation, "sdpa" when unset (a config not yet seen by a model)."""
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def kernel_policy_reason(attn_implementation: str, tensor: torch.Tensor) -> str | None:
+    """The choice every fused Triton kernel shares: why `attn_implementation` keeps this tensor off the kernels, or
+    None. "eager" never takes them, "sdpa" only for float16/bfloat16 CUDA tensors, "flash_attention_2" whenever they
+    can run. Nothing is exported through them (they are Triton programs, not ONNX or ATen operators)."""
+    if attn_implementation == "eager":
+        return "attn_implementation is 'eager'"
+    if torch.compiler.is_exporting():
+        return "the model is being exported, and the Triton kernels have no exported form"
     if flash_attn_varlen_qkvpacked_func is None:
         return "Triton is not installed"
-    if backend == "auto" and not (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
-        return "'auto' uses the kernels for float16/bfloat16 CUDA tensors only"
+    if attn_implementation == "sdpa" and not (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
+        return "'sdpa' uses the kernels for float16/bfloat16 CUDA tensors only"
     return None
 
 
@@ -83,26 +114,37 @@ class MosaicBertLayerNorm(nn.LayerNorm):
 
 
 class MosaicBertResidualLayerNorm(MosaicBertLayerNorm):
-    """The end of every encoder block, LN(dropout(x) + residual). Runs as one fused Triton kernel each way where
-    `kernel_policy_reason` allows (the sum and the dropout mask are never stored), else as dropout, add and
-    MosaicBertLayerNorm. Parameters and state-dict keys are those of nn.LayerNorm."""
+    """The end of every encoder block, LN(dropout(projection(x)) + residual). Runs as one fused Triton kernel each way
+    where `kernel_policy_reason` allows: the projection's matmul runs without its bias, which the kernel adds (and
+    whose gradient its backward sums beside the LayerNorm's), and the sum and the dropout mask are never stored. Else
+    the projection, dropout, add and MosaicBertLayerNorm. Parameters and state-dict keys are those of nn.LayerNorm."""
 
-    def __init__(self, hidden_size: int, eps: float, dropout_prob: float, backend: str):
-        super().__init__(hidden_size, eps=eps)
+    def __init__(self, config: MosaicBertConfig, dropout_prob: float):
+        super().__init__(config.hidden_size, eps=config.layer_norm_eps)
+        self.config = config
         self.dropout_prob = dropout_prob
-        self.backend = backend
 
-    def kernel_unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor) -> str | None:
+    def kernel_unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor, x_bias=None) -> str | None:
         """Why the fused kernel cannot run on these (total_tokens, hidden) inputs, or None."""
-        return kernel_policy_reason(self.backend, x) or layer_norm_unsupported_reason(
-            x, residual, self.weight, self.bias)
+        return kernel_policy_reason(attn_implementation_of(self.config), x) or layer_norm_unsupported_reason(
+            x, residual, self.weight, self.bias, x_bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """(total_tokens, hidden) twice -> (total_tokens, hidden)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+        """x: (total_tokens, in_features), residual: (total_tokens, hidden) -> (total_tokens, hidden).
+        projection: the block's output nn.Linear (in_features -> hidden). Only a plain nn.Linear with a bias has its
+        bias fused; a wrapped one (a PEFT adapter, say) runs as it is."""
         dropout_p = self.dropout_prob if self.training else 0.0
-        if self.kernel_unsupported_reason(x, residual) is None:
-            return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p)
-        return super().forward(F.dropout(x, dropout_p, self.training) + residual)
+        if type(projection) is nn.Linear and projection.bias is not None:
+            projected = F.linear(x, projection.weight)
+            if self.kernel_unsupported_reason(projected, residual, projection.bias) is None:
+                return dropout_add_layer_norm(projected, residual, self.weight, self.bias, self.eps, dropout_p,
+                                              x_bias=projection.bias)
+            projected = projected + projection.bias.to(projected.dtype)
+        else:
+            projected = projection(x)
+            if self.kernel_unsupported_reason(projected, residual) is None:
+                return dropout_add_layer_norm(projected, residual, self.weight, self.bias, self.eps, dropout_p)
+        return super().forward(F.dropout(projected, dropout_p, self.training) + residual)
 
 
 class MosaicBertEmbeddings(nn.Module):
@@ -133,23 +175,22 @@ class MosaicBertGatedMLP(nn.Module):
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
+        self.config = config
         self.intermediate_size = config.intermediate_size
-        self.backend = config.attention_backend
         # One matmul computes gate (first half of the outputs) and value (second half).
         self.gated_layers = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.act = ACT2FN[config.hidden_act]
         self.fusable_act = config.hidden_act == "gelu"
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.layernorm = MosaicBertResidualLayerNorm(
-            config.hidden_size, config.layer_norm_eps, dropout_prob=0.0, backend=config.attention_backend
-        )
+        self.layernorm = MosaicBertResidualLayerNorm(config, dropout_prob=0.0)
 
     def kernel_unsupported_reason(self, projected: torch.Tensor) -> str | None:
         """Why the fused GeGLU kernel cannot run on the (total_tokens, 2 * intermediate) projection, or None."""
         if not self.fusable_act:
             return "the fused kernel computes the exact 'gelu' activation only"
-        return kernel_policy_reason(self.backend, projected) or geglu_unsupported_reason(projected)
+        implementation = attn_implementation_of(self.config)
+        return kernel_policy_reason(implementation, projected) or geglu_unsupported_reason(projected)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(total_tokens, hidden) -> (total_tokens, hidden)."""
@@ -159,7 +200,7 @@ class MosaicBertGatedMLP(nn.Module):
         else:
             gate, value = projected.split(self.intermediate_size, dim=-1)
             activated = self.dropout(self.act(gate) * value)
-        return self.layernorm(self.wo(activated), hidden_states)
+        return self.layernorm(activated, hidden_states, self.wo)
 
 
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,6 +211,82 @@ def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
 def upcast(logits: torch.Tensor) -> torch.Tensor:
     """Logits for a loss: half precision goes up to float32, float64 stays float64."""
     return logits.to(upcast_dtype(logits.dtype))
+
+
+@dataclass
+class TokenLayout:
+    """Where the rows of the (rows, hidden) tensors that the layers work on sit in the padded (batch, seqlen) batch.
+
+    mask: (batch, seqlen) bool, True on real tokens. cu_seqlens: (batch + 1,) int32 boundaries of the sequences,
+    whose real tokens are consecutive rows; max_seqlen: at least the longest sequence.
+    Three layouts:
+    - unpadded (eager): the rows are the real tokens, sequence after sequence. indices: (tokens,) int64 flat position
+      of each row in (batch * seqlen); lengths: the sequence lengths, read on the host with the input checks.
+    - sorted (torch.compile): the rows are every position of the batch, the real tokens first (as in the unpadded
+      layout), then the padding: indices is a (batch * seqlen,) permutation, real_rows (batch * seqlen,) bool marks the
+      first cu_seqlens[-1] rows. Shapes do not depend on the mask's values, so nothing is read on the host and
+      nothing recompiles; the fused kernels touch the real rows only.
+    - padded (export): the rows are the positions of the padded batch in order; indices is None.
+    """
+
+    mask: torch.Tensor
+    indices: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    lengths: list[int] | None = None
+    real_rows: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.mask.shape[1]
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) -> (batch, seqlen, ...), zeros at padded positions."""
+        if self.indices is None:
+            padded = rows.view(self.batch_size, self.seqlen, *rows.shape[1:])
+        else:
+            padded = pad_input(rows, self.indices, self.batch_size, self.seqlen)
+            if self.real_rows is None:  # unpadded: the padded positions are zeros already
+                return padded
+        return torch.where(self.mask.view(*self.mask.shape, *([1] * (rows.dim() - 1))), padded, 0)
+
+    def only_real_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) with zeros in the rows that hold no real token (sorted layout; the same tensor otherwise).
+        Applied around the attention kernel, which neither reads nor writes those rows."""
+        if self.real_rows is None:
+            return rows
+        return torch.where(self.real_rows.view(-1, *([1] * (rows.dim() - 1))), rows, 0)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(batch, seqlen, ...) -> (rows, ...)."""
+        if self.indices is None:
+            return padded.flatten(0, 1)
+        return index_first_axis(padded, self.indices)
+
+    def positions(self) -> torch.Tensor:
+        """(batch, seqlen) int64 ALiBi position of each real token: how many real tokens precede it in its row."""
+        return torch.cumsum(self.mask.to(torch.int64), dim=-1) - 1
+
+    def first_token_states(self, rows: torch.Tensor) -> torch.Tensor:
+        """(rows, hidden) -> (batch, hidden): each sequence's first real token; zeros for a row with no real token.
+        Reads no value on the host (the row of a sequence with no token points at an appended zero row)."""
+        has_tokens = self.mask.any(dim=-1)
+        if self.indices is None:
+            first = torch.argmax(self.mask.to(torch.int32), dim=-1)  # the first real position (0 in an empty row)
+            rows_of_first = torch.arange(self.batch_size, device=rows.device) * self.seqlen + first
+            return torch.where(has_tokens[:, None], rows.index_select(0, rows_of_first), 0)
+        if self.lengths is not None:  # eager: the row count is known, gather directly
+            if rows.shape[0] == 0:
+                return rows.new_zeros(self.batch_size, rows.shape[-1])
+            rows_of_first = self.cu_seqlens[:-1].to(torch.int64).clamp(max=rows.shape[0] - 1)
+            return torch.where(has_tokens[:, None], rows.index_select(0, rows_of_first), 0)
+        with_zero_row = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+        rows_of_first = torch.where(has_tokens, self.cu_seqlens[:-1].to(torch.int64), rows.shape[0])
+        return with_zero_row.index_select(0, rows_of_first)
 
 
 def alibi_slopes(num_heads: int, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
@@ -192,106 +309,162 @@ def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.T
     return (-slopes[:, None, None] * distance).to(dtype)
 
 
+def scaled_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, dropout_p: float, explicit: bool
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v on (..., heads, L, head_dim) tensors with a bias broadcast to
+    (..., heads, L, L): in PyTorch ops with `explicit` (the "eager" implementation), else through
+    scaled_dot_product_attention ("sdpa")."""
+    if not explicit:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p)
+    probs = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1]) + bias).softmax(dim=-1)
+    return F.dropout(probs, p=dropout_p) @ value
+
+
 def torch_varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    lengths: list[int],
     slopes: torch.Tensor,
     dropout_p: float,
-    output_attentions: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Attention within each sequence of an unpadded batch, on PyTorch.
+    explicit: bool,
+) -> torch.Tensor:
+    """Attention within each sequence of an unpadded batch, on PyTorch, with the lengths known on the host.
 
-    Sequences of equal length are batched into one scaled_dot_product_attention call with the (1, heads, L, L) ALiBi
-    bias of that length (a slice of one bias built for the longest sequence), so no (batch, heads, max_len, max_len)
-    tensor is built and padding costs nothing. A length held by one sequence only attends on views of its rows.
+    Sequences of equal length are batched into one attention call with the (1, heads, L, L) ALiBi bias of that length
+    (a slice of one bias built for the longest sequence), so no (batch, heads, max_len, max_len) tensor is built and
+    padding costs nothing. A length held by one sequence only attends on views of its rows.
 
     Args:
         query, key, value: (total_tokens, heads, head_dim).
-        cu_seqlens: (batch + 1,) int32 sequence boundaries.
+        lengths: the batch's sequence lengths, in order (they sum to total_tokens).
         slopes: (heads,) ALiBi slopes.
         dropout_p: dropout on the attention probabilities.
-        output_attentions: also return each sequence's probabilities.
+        explicit: softmax in PyTorch ops ("eager") instead of scaled_dot_product_attention ("sdpa").
 
     Returns:
-        (total_tokens, heads, head_dim) context, and with output_attentions a list of (heads, L_b, L_b) tensors in
-        batch order (else None).
+        (total_tokens, heads, head_dim) context.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    starts = cu_seqlens[:-1].tolist()
     if max(lengths) == 0:
-        return query.new_zeros(query.shape), [None] * len(lengths) if output_attentions else None
+        return query.new_zeros(query.shape)
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
     full_bias = alibi_bias(slopes, max(lengths), query.dtype)[None]  # (1, heads, max_len, max_len)
     outputs = [None] * len(lengths)  # per sequence, (length, heads, head_dim)
-    probabilities = [None] * len(lengths) if output_attentions else None
     for length in sorted(set(lengths) - {0}):
         seq_ids = [b for b, seq_len in enumerate(lengths) if seq_len == length]
-
-        def rows_of_this_length(t: torch.Tensor) -> torch.Tensor:
-            """(total_tokens, heads, head_dim) -> (n, heads, length, head_dim), a view where the rows allow."""
-            if len(seq_ids) == len(lengths):
-                return t.view(len(seq_ids), length, *t.shape[1:]).transpose(1, 2)
-            return torch.stack([t[starts[b] : starts[b] + length] for b in seq_ids]).transpose(1, 2)
-
-        q, k, v = rows_of_this_length(query), rows_of_this_length(key), rows_of_this_length(value)
-        bias = full_bias[..., :length, :length]
-        if output_attentions:
-            probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias).softmax(dim=-1)
-            out = F.dropout(probs, p=dropout_p) @ v
-            for i, b in enumerate(seq_ids):
-                probabilities[b] = probs[i]
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        q, k, v = (_sequences_of_one_length(t, starts, seq_ids, length, len(lengths)) for t in (query, key, value))
+        out = scaled_attention(q, k, v, full_bias[..., :length, :length], dropout_p, explicit)
         for i, b in enumerate(seq_ids):
             outputs[b] = out[i].transpose(0, 1)
     if len(set(lengths)) == 1:  # one length: the sequences' rows are already in order
-        return out.transpose(1, 2).flatten(0, 1), probabilities
-    return torch.cat([o for o in outputs if o is not None]), probabilities
+        return out.transpose(1, 2).flatten(0, 1)
+    return torch.cat([o for o in outputs if o is not None])
+
+
+def _sequences_of_one_length(t: torch.Tensor, starts: list[int], seq_ids: list[int], length: int, batch: int):
+    """(total_tokens, heads, head_dim) -> (len(seq_ids), heads, length, head_dim): the rows of sequences `seq_ids`,
+    all of `length` tokens; a view when they are the whole batch."""
+    if len(seq_ids) == batch:
+        return t.view(len(seq_ids), length, *t.shape[1:]).transpose(1, 2)
+    return torch.stack([t[starts[b] : starts[b] + length] for b in seq_ids]).transpose(1, 2)
+
+
+def padded_attention(
+    qkv: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    slopes: torch.Tensor,
+    dropout_p: float,
+    explicit: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention on the padded batch, with no value read on the host: what export, torch.compile (off the kernel)
+    and output_attentions use.
+
+    The bias of head h between positions i and j of a row is -m_h * |p_i - p_j|, p counting real tokens only (so
+    padding may sit anywhere in a row), and -inf on padded keys. A row with no real token attends to every position
+    instead (finite numbers that the caller zeroes), so no softmax sees only -inf.
+
+    Args:
+        qkv: (batch, seqlen, 3, heads, head_dim) queries, keys and values.
+        mask: (batch, seqlen) bool, True on real tokens.
+        positions: (batch, seqlen) int64 real-token positions (`TokenLayout.positions`).
+        slopes: (heads,) ALiBi slopes.
+        dropout_p: dropout on the attention probabilities.
+        explicit: compute and return the probabilities (the "eager" implementation, and output_attentions) instead
+            of calling scaled_dot_product_attention.
+
+    Returns:
+        (batch, seqlen, heads, head_dim) context, and with `explicit` the (batch, heads, seqlen, seqlen)
+        probabilities with zeros on padded rows and columns (else None).
+    """
+    query, key, value = qkv.transpose(1, 3).unbind(dim=2)  # each (batch, heads, seqlen, head_dim)
+    distance = (positions[:, :, None] - positions[:, None, :]).abs().to(slopes.dtype)  # (batch, seqlen, seqlen)
+    bias = -slopes[None, :, None, None] * distance[:, None]  # (batch, heads, seqlen, seqlen)
+    keys = mask | ~mask.any(dim=-1, keepdim=True)
+    bias = bias.masked_fill(~keys[:, None, None, :], float("-inf")).to(query.dtype)
+    if not explicit:
+        context, probs = scaled_attention(query, key, value, bias, dropout_p, explicit=False), None
+    else:  # the returned probabilities are the ones the context is computed from (gradients reach them)
+        probs = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1]) + bias).softmax(dim=-1)
+        probs = torch.where(mask[:, None, :, None], probs, 0)
+        context = F.dropout(probs, p=dropout_p) @ value
+    return context.transpose(1, 2), probs
 
 
 class MosaicBertSelfAttention(nn.Module):
-    """Multi-head self-attention with ALiBi over an unpadded batch. Owns the fused QKV projection and picks the
-    attention implementation (Triton kernel or PyTorch) for each call."""
+    """Multi-head self-attention with ALiBi. Owns the fused QKV projection and picks, for each call, the Triton kernel
+    (unpadded rows), `torch_varlen_attention` (unpadded rows, lengths on the host: eager PyTorch) or
+    `padded_attention` (export, torch.compile off the kernel, output_attentions)."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.backend = config.attention_backend
         self.dropout_p = config.attention_probs_dropout_prob
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
 
-    def kernel_unsupported_reason(self, query, key, value, cu_seqlens, slopes, output_attentions) -> str | None:
+    def kernel_unsupported_reason(self, qkv, layout: TokenLayout, slopes, output_attentions) -> str | None:
         """Why the Triton kernel cannot run this call, or None when it can."""
         if output_attentions:
             return "the fused kernel does not return attention probabilities (output_attentions=True)"
         if self.training and self.dropout_p > 0:
             return "attention dropout is active"
-        return kernel_policy_reason(self.backend, query) or unsupported_reason(query, key, value, cu_seqlens, slopes)
+        if layout.indices is None:
+            return "the model is being exported (padded path), and the Triton kernel has no exported form"
+        return kernel_policy_reason(attn_implementation_of(self.config), qkv) or unsupported_reason(
+            *qkv.unbind(dim=1), layout.cu_seqlens, slopes
+        )
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        slopes: torch.Tensor,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """(total_tokens, hidden) -> (total_tokens, hidden) context, and per-sequence probabilities when asked."""
+        self, hidden_states: torch.Tensor, layout: TokenLayout, slopes: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, hidden) -> (tokens, hidden) context, and with output_attentions the
+        (batch, heads, seqlen, seqlen) probabilities that the context was computed from."""
         qkv = self.Wqkv(hidden_states).view(-1, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.unbind(dim=1)  # each (total_tokens, heads, head_dim)
-        reason = self.kernel_unsupported_reason(query, key, value, cu_seqlens, slopes, output_attentions)
+        implementation = attn_implementation_of(self.config)
+        reason = self.kernel_unsupported_reason(qkv, layout, slopes, output_attentions)
+        dropout_p = self.dropout_p if self.training else 0.0
+        explicit = output_attentions or implementation == "eager"
+        probabilities = None
         if reason is None:
-            context = flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, alibi_slopes=slopes)
-            probabilities = None
-        elif self.backend == "triton":
-            raise ValueError(f"attention_backend='triton' cannot run this call: {reason}")
-        else:
-            dropout_p = self.dropout_p if self.training else 0.0
-            context, probabilities = torch_varlen_attention(
-                query, key, value, cu_seqlens, slopes, dropout_p, output_attentions
+            context = layout.only_real_rows(
+                flash_attn_varlen_qkvpacked_func(
+                    layout.only_real_rows(qkv), layout.cu_seqlens, layout.max_seqlen, alibi_slopes=slopes
+                )
             )
+        elif implementation == "flash_attention_2":
+            raise ValueError(f"attn_implementation='flash_attention_2' (the Triton kernel) cannot run here: {reason}")
+        elif layout.lengths is None or output_attentions:
+            context, probabilities = padded_attention(
+                layout.pad(qkv), layout.mask, layout.positions(), slopes, dropout_p, explicit
+            )
+            context = layout.unpad(context)
+        else:
+            context = torch_varlen_attention(*qkv.unbind(dim=1), layout.lengths, slopes, dropout_p, explicit)
         return context.reshape(hidden_states.shape), probabilities
 
 
@@ -301,13 +474,11 @@ class MosaicBertSelfOutput(nn.Module):
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = MosaicBertResidualLayerNorm(
-            config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob, config.attention_backend
-        )
+        self.LayerNorm = MosaicBertResidualLayerNorm(config, config.hidden_dropout_prob)
 
     def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """(total_tokens, hidden) twice -> (total_tokens, hidden)."""
-        return self.LayerNorm(self.dense(context), residual)
+        """(tokens, hidden) twice -> (tokens, hidden)."""
+        return self.LayerNorm(context, residual, self.dense)
 
 
 class MosaicBertAttention(nn.Module):
@@ -318,8 +489,8 @@ class MosaicBertAttention(nn.Module):
         self.self = MosaicBertSelfAttention(config)
         self.output = MosaicBertSelfOutput(config)
 
-    def forward(self, hidden_states, cu_seqlens, max_seqlen, slopes, output_attentions=False):
-        context, probabilities = self.self(hidden_states, cu_seqlens, max_seqlen, slopes, output_attentions)
+    def forward(self, hidden_states, layout, slopes, output_attentions=False):
+        context, probabilities = self.self(hidden_states, layout, slopes, output_attentions)
         return self.output(context, hidden_states), probabilities
 
 
@@ -334,18 +505,17 @@ class MosaicBertLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        layout: TokenLayout,
         slopes: torch.Tensor,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """(total_tokens, hidden) -> (total_tokens, hidden), and per-sequence attention probabilities when asked."""
-        hidden_states, probabilities = self.attention(hidden_states, cu_seqlens, max_seqlen, slopes, output_attentions)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, hidden) -> (tokens, hidden), and the attention probabilities when asked."""
+        hidden_states, probabilities = self.attention(hidden_states, layout, slopes, output_attentions)
         return self.mlp(hidden_states), probabilities
 
 
 class MosaicBertEncoder(nn.Module):
-    """The stack of layers over one unpadded batch."""
+    """The stack of layers over one batch."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
@@ -355,31 +525,43 @@ class MosaicBertEncoder(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        layout: TokenLayout,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[list[torch.Tensor]] | None]:
-        """(total_tokens, hidden) -> (total_tokens, hidden); with the flags, also the input and every layer's
-        output (each (total_tokens, hidden)) and every layer's per-sequence attention probabilities."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """(tokens, hidden) -> (tokens, hidden); with the flags, also the padded input and every layer's padded
+        output (each (batch, seqlen, hidden)) and every layer's (batch, heads, seqlen, seqlen) probabilities.
+
+        The returned tensors are on the path of the computation: a layer's input is unpadded from the padded tensor
+        returned for the previous one, so gradients reach them (retain_grad, torch.autograd.grad)."""
         # Computed here, so nothing about ALiBi lives in the state dict or on the meta device.
         slopes = alibi_slopes(self.num_heads, hidden_states.device, upcast_dtype(hidden_states.dtype))
-        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_hidden_states = [] if output_hidden_states else None
         all_probabilities = [] if output_attentions else None
+
+        def keep(states: torch.Tensor) -> torch.Tensor:
+            padded = layout.pad(states)
+            all_hidden_states.append(padded)
+            return layout.unpad(padded)
+
+        if output_hidden_states:
+            hidden_states = keep(hidden_states)
         for layer in self.layer:
-            hidden_states, probabilities = layer(
-                hidden_states, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, slopes=slopes,
-                output_attentions=output_attentions,
-            )
+            hidden_states, probabilities = layer(hidden_states, layout, slopes, output_attentions=output_attentions)
             if output_hidden_states:
-                all_hidden_states.append(hidden_states)
+                hidden_states = keep(hidden_states)
             if output_attentions:
                 all_probabilities.append(probabilities)
-        return hidden_states, all_hidden_states, all_probabilities
+        return (
+            hidden_states,
+            tuple(all_hidden_states) if output_hidden_states else None,
+            tuple(all_probabilities) if output_attentions else None,
+        )
 
 
 class MosaicBertPooler(nn.Module):
-    """dense + tanh on the first real token of each sequence."""
+    """dense + tanh on the first real token of each sequence. Its weights start as the identity (zero bias), so a
+    checkpoint without pooler weights (MosaicBERT is pretrained without one) always loads the same pooler."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
@@ -425,56 +607,52 @@ class MosaicBertOnlyMLMHead(nn.Module):
 
 
 @dataclass
-class UnpaddedEncoding:
-    """The encoder's result in the unpadded layout, with what is needed to pad it back.
+class Encoding:
+    """The encoder's result in the layout the layers used, with what is needed to pad it back.
 
-    hidden_states: (total_tokens, hidden) last layer. all_hidden_states: embeddings and every layer, each
-    (total_tokens, hidden), when asked. attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
-    indices: (total_tokens,) flat positions in (batch * seqlen); cu_seqlens: (batch + 1,) int32.
+    hidden_states: (tokens, hidden) last layer. layout: where those rows sit in the padded batch.
+    all_hidden_states: embeddings and every layer, each (batch, seqlen, hidden), when asked.
+    attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
+    labels: (rows,) the token labels of the rows, when token labels were given (-100 on rows of padding).
+    labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order; None under torch.compile
+    and export, where no count is read. With a `guess`, (bound,) instead: the labelled rows, then the row count
+    (one past the last row) as filler up to the guess's bound.
+    guess: the `PackedBatchGuess` the encoder ran on, which the head must confirm before returning.
     """
 
     hidden_states: torch.Tensor
-    indices: torch.Tensor
-    cu_seqlens: torch.Tensor
-    batch_size: int
-    seqlen: int
+    layout: TokenLayout
     all_hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    labels: torch.Tensor | None = None
+    labelled: torch.Tensor | None = None
+    guess: "PackedBatchGuess | None" = None
 
-    def pad(self, unpadded: torch.Tensor) -> torch.Tensor:
-        """(total_tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
-        return pad_input(unpadded, self.indices, self.batch_size, self.seqlen)
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """(batch, seqlen, ...) -> (total_tokens, ...)."""
-        return index_first_axis(padded, self.indices)
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
+        return self.layout.pad(rows)
 
     def first_token_states(self) -> torch.Tensor:
         """(batch, hidden): each sequence's first real token; zeros for a sequence with no real token."""
-        total_tokens = self.hidden_states.shape[0]
-        if total_tokens == 0:
-            return self.hidden_states.new_zeros(self.batch_size, self.hidden_states.shape[1])
-        rows = self.cu_seqlens[:-1].clamp(max=total_tokens - 1).long()
-        has_tokens = (self.cu_seqlens[1:] > self.cu_seqlens[:-1]).unsqueeze(-1)
-        return self.hidden_states[rows] * has_tokens.to(self.hidden_states.dtype)
+        return self.layout.first_token_states(self.hidden_states)
 
-    def padded_hidden_states(self) -> tuple[torch.Tensor, ...] | None:
-        if self.all_hidden_states is None:
-            return None
-        return tuple(self.pad(states) for states in self.all_hidden_states)
+    def last_hidden_state(self) -> torch.Tensor:
+        """(batch, seqlen, hidden), the same tensor as the last of all_hidden_states when those were asked for."""
+        if self.all_hidden_states is not None:
+            return self.all_hidden_states[-1]
+        return self.pad(self.hidden_states)
 
 
 # Index dtypes nn.Embedding accepts.
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embeds) -> tuple[int, int] | None:
-    """Raises ValueError for inputs the model cannot take, before anything indexes with them.
+def check_shapes(config, input_ids, attention_mask, token_type_ids, inputs_embeds) -> tuple[int, int]:
+    """Raises ValueError for inputs of a shape or dtype the model cannot take; reads no value. Returns
+    (batch, seqlen).
 
-    input_ids (batch, seqlen) integer ids in [0, vocab_size), or inputs_embeds (batch, seqlen, hidden);
-    attention_mask (batch, seqlen) of 0/1; token_type_ids (batch, seqlen) in [0, type_vocab_size).
-    Returns (total real tokens, longest sequence) of a valid attention_mask, read in the same host synchronisation as
-    the value checks (None without a mask), so that unpadding needs no other.
+    input_ids (batch, seqlen) integer ids, or inputs_embeds (batch, seqlen, hidden) floats; attention_mask
+    (batch, seqlen) of any real dtype; token_type_ids (batch, seqlen) integer ids.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -501,68 +679,196 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, inputs_embed
         raise ValueError(f"token_type_ids must be integer ids (int64 or int32), got dtype {token_type_ids.dtype}")
     if attention_mask is not None and attention_mask.dtype.is_complex:
         raise ValueError(f"attention_mask must hold 0/1 (bool, integer or float), got dtype {attention_mask.dtype}")
-    # One host sync for every value check.
-    checks = {}
-    if input_ids is not None:
-        checks["input_ids_min"], checks["input_ids_max"] = input_ids.min(), input_ids.max()
-    if attention_mask is not None:
-        checks["mask_bad"] = ((attention_mask != 0) & (attention_mask != 1)).any()
-        lengths = (attention_mask != 0).sum(dim=-1)
-        checks["total_tokens"], checks["max_seqlen"] = lengths.sum(), lengths.max()
-    if token_type_ids is not None:
-        checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
-    if not checks:  # inputs_embeds without attention_mask or token_type_ids: nothing to look at
-        return None
-    values = dict(zip(checks, torch.stack([v.to(torch.int64) for v in checks.values()]).tolist()))
-    if "input_ids_min" in values and (values["input_ids_min"] < 0 or values["input_ids_max"] >= config.vocab_size):
-        bad = values["input_ids_min"] if values["input_ids_min"] < 0 else values["input_ids_max"]
-        raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {config.vocab_size})")
-    if values.get("mask_bad"):
-        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
-        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got {bad}")
-    if "types_min" in values and (values["types_min"] < 0 or values["types_max"] >= config.type_vocab_size):
-        bad = values["types_min"] if values["types_min"] < 0 else values["types_max"]
-        raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {config.type_vocab_size})")
-    return (values["total_tokens"], values["max_seqlen"]) if "total_tokens" in values else None
+    return shape
 
 
-def labels_of_real_tokens(
-    labels: torch.Tensor, encoding: UnpaddedEncoding, num_classes: int
-) -> tuple[torch.Tensor, int]:
-    """(batch, seqlen) token labels -> (total_tokens,) labels of the real tokens, and how many of them are not -100.
-
-    Raises ValueError for a label other than -100 on a padded position and for labels outside [0, num_classes) and
-    not -100; every value check shares one host synchronisation.
-    """
-    if tuple(labels.shape) != (encoding.batch_size, encoding.seqlen):
-        raise ValueError(
-            f"labels must have shape {(encoding.batch_size, encoding.seqlen)} (one per token), "
-            f"got {tuple(labels.shape)}"
-        )
-    check_label_dtype(labels)
-    real = encoding.unpad(labels)
-    labelled = real != -100
-    out_of_range = labelled & ((real < 0) | (real >= num_classes))
-    n_everywhere, n_real, n_bad = torch.stack([(labels != -100).sum(), labelled.sum(), out_of_range.sum()]).tolist()
-    if n_everywhere != n_real:
-        raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
-    if n_bad:
-        check_class_labels(real, num_classes)  # raises, naming the bad values
-    return real, n_real
-
-
-def check_label_dtype(labels: torch.Tensor) -> None:
+def check_label_shapes(labels: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    """Token labels (batch, seqlen) or class labels (batch,): int64 ids, the shape given."""
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have shape {tuple(shape)} ({what}), got {tuple(labels.shape)}")
     if labels.dtype != torch.int64:  # what cross_entropy takes
         raise ValueError(f"class labels must be int64 (torch.long) ids, got dtype {labels.dtype}")
 
 
-def check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Class labels must be integer ids in [0, num_classes) or -100 (ignored)."""
-    check_label_dtype(labels)
-    valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
-    if not bool(valid.all()):
-        bad = labels[~valid].unique()[:5].tolist()
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be -100, got values {bad}")
+def batch_checks(
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    num_label_classes: int,
+    labels_per_token: bool,
+) -> tuple[list[str], torch.Tensor]:
+    """The values every check of a batch needs, computed on the batch's device: their names, and one (checks + batch,)
+    int64 tensor holding them followed by the sequence lengths. Reads nothing on the host (`check_batch_values`
+    judges them once they are there)."""
+    real = attention_mask != 0
+    checks = {"mask_bad": ((attention_mask != 0) & (attention_mask != 1)).sum()}
+    if input_ids is not None:
+        checks["ids_min"], checks["ids_max"] = input_ids.min(), input_ids.max()
+    if token_type_ids is not None:
+        checks["types_min"], checks["types_max"] = token_type_ids.min(), token_type_ids.max()
+    if labels is not None:
+        labelled = labels != -100
+        checks["labels_bad"] = (labelled & ((labels < 0) | (labels >= num_label_classes))).sum()
+        if labels_per_token:
+            checks["labelled"] = (labelled & real).sum()
+            checks["labelled_padding"] = (labelled & ~real).sum()
+    head = torch.stack([v.to(torch.int64) for v in checks.values()])
+    return list(checks), torch.cat([head, real.sum(dim=-1).to(torch.int64)])
+
+
+def check_batch_values(
+    names: list[str],
+    values: list[int],
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+    type_vocab_size: int,
+    num_label_classes: int,
+) -> tuple[list[int], int]:
+    """Raises ValueError naming what is wrong with a batch, from the host copy of `batch_checks`' tensor. Returns the
+    sequence lengths (a list of batch ints) and the number of token labels other than -100."""
+    checks, lengths = dict(zip(names, values[: len(names)])), values[len(names) :]
+    if checks["mask_bad"]:
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got {bad}")
+    if "ids_min" in checks and (checks["ids_min"] < 0 or checks["ids_max"] >= vocab_size):
+        bad = checks["ids_min"] if checks["ids_min"] < 0 else checks["ids_max"]
+        raise ValueError(f"input_ids holds {int(bad)}, outside the vocabulary [0, {vocab_size})")
+    if "types_min" in checks and (checks["types_min"] < 0 or checks["types_max"] >= type_vocab_size):
+        bad = checks["types_min"] if checks["types_min"] < 0 else checks["types_max"]
+        raise ValueError(f"token_type_ids holds {int(bad)}, outside [0, {type_vocab_size})")
+    if checks.get("labelled_padding"):
+        raise ValueError("labels set a target on a padded position (attention_mask 0); use -100 there")
+    if checks.get("labels_bad"):
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_label_classes))].unique()[:5].tolist()
+        raise ValueError(f"labels must lie in [0, {num_label_classes}) or be -100, got values {bad}")
+    return lengths, checks.get("labelled", 0)
+
+
+def read_batch(
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+    type_vocab_size: int,
+    num_label_classes: int,
+    labels_per_token: bool,
+) -> tuple[list[int], int]:
+    """Every value check of a batch, in one host synchronisation; raises ValueError naming what is wrong.
+
+    attention_mask (batch, seqlen) must hold 0/1; input_ids lie in [0, vocab_size); token_type_ids in
+    [0, type_vocab_size). labels hold class ids in [0, num_label_classes) or -100: per token ((batch, seqlen), and
+    -100 on every padded position) or per example ((batch,)).
+    Returns the sequence lengths (a list of batch ints) and the number of token labels other than -100.
+    """
+    names, values = batch_checks(attention_mask, input_ids, token_type_ids, labels, num_label_classes, labels_per_token)
+    return check_batch_values(names, values.tolist(), attention_mask, labels, vocab_size, type_vocab_size,
+                              num_label_classes)  # .tolist(): the one host synchronisation
+
+
+# Devices where a forward may run on a `PackedBatchGuess`: where reading a value on the host waits for the device.
+GUESS_DEVICES = ("cuda",)
+
+
+class PackedBatchGuess:
+    """A forward that does not wait for the device, for batches of the shape the last one had when it held no padding
+    (packed pretraining: every batch is full): the layers run at once on every position as real tokens, and the MLM
+    head on a bound of the labelled count, while the checks of `batch_checks` travel to pinned host memory behind
+    them. `confirm` reads them once the forward is queued: by then the device has long passed them, so the host
+    waits for nothing that keeps the device busy, and the host can queue the next step while the device works.
+    A bad batch raises the same ValueError as the checked path; a batch that turns out to have padding, or more
+    labels than the bound, is computed again on the checked path (and the guess stops until the next full batch).
+    The embeddings read clamped ids meanwhile, so bad ids never index out of bounds before the error is raised.
+    """
+
+    def __init__(self, names: list[str], values: torch.Tensor, num_labelled_bound: int, attention_mask, labels,
+                 config):
+        self.names = names
+        self.num_labelled_bound = num_labelled_bound
+        self.attention_mask, self.labels = attention_mask, labels
+        self.vocab_size, self.type_vocab_size = config.vocab_size, config.type_vocab_size
+        on_cuda = values.is_cuda
+        self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_cuda)
+        self.host.copy_(values, non_blocking=on_cuda)
+        self.ready = torch.cuda.Event() if on_cuda else None
+        if on_cuda:
+            self.ready.record()
+
+    def confirm(self) -> int | None:
+        """The number of labelled tokens when the guess held; None when the batch must be computed again. Raises
+        ValueError for a bad batch."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        lengths, num_labelled = check_batch_values(self.names, self.host.tolist(), self.attention_mask, self.labels,
+                                                   self.vocab_size, self.type_vocab_size, self.vocab_size)
+        if min(lengths) < self.attention_mask.shape[1] or num_labelled > self.num_labelled_bound:
+            return None
+        return num_labelled
+
+
+def unpad_rows(mask: torch.Tensor, labels: torch.Tensor | None, total_tokens: int, num_labelled: int):
+    """The unpadding of a checked batch whose counts are known: indices (total_tokens,) int64 flat positions of the
+    real tokens, cu_seqlens (batch + 1,) int32, and, with token labels, labelled (num_labelled,) int64 rows (among
+    the real tokens) whose label is not -100 (else an empty tensor). Gathers with known counts: no synchronisation."""
+    indices = true_positions(mask.flatten(), total_tokens)
+    cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+    if labels is None:
+        labelled = indices.new_zeros(0)
+    else:
+        labelled = true_positions(index_first_axis(labels, indices) != -100, num_labelled)
+    return indices, cu_seqlens, labelled
+
+
+def _op_namespace() -> str:
+    """The torch.library namespace of this copy of the file's operator: "mosaic_bert_" and a hash of the file. Hub
+    remote code may import several copies (a checkpoint's older code beside the package's): each registers and runs
+    its own operator, identical copies share one."""
+    with open(__file__, "rb") as f:
+        return f"mosaic_bert_{hashlib.sha256(f.read()).hexdigest()[:16]}"
+
+
+_OPS_NAMESPACE = _op_namespace()
+
+
+def _op_registered(name: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, _OPS_NAMESPACE), name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+if not _op_registered("check_batch"):
+
+    # It reads the device (the checks), so CUDA graphs must not capture it: inductor leaves it out of them.
+    @torch.library.custom_op(
+        f"{_OPS_NAMESPACE}::check_batch",
+        mutates_args=(),
+        tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else (),
+    )
+    def check_batch(
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        vocab_size: int,
+        type_vocab_size: int,
+        num_label_classes: int,
+        labels_per_token: bool,
+    ) -> torch.Tensor:
+        """`read_batch` as an operator, for torch.compile: at run time the checks raise as in eager (one host
+        synchronisation), while the compiler sees an opaque call (no graph break, no guard on any value). Returns the
+        sorted layout's order: (batch * seqlen,) int64 flat positions, the real tokens first, then the padding."""
+        read_batch(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
+                   labels_per_token)
+        return torch.argsort((attention_mask == 0).flatten().to(torch.int8), stable=True)
+
+    @check_batch.register_fake
+    def _(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
+          labels_per_token):
+        return attention_mask.new_empty(attention_mask.numel(), dtype=torch.int64)
 
 
 def _output_flags(config, output_attentions, output_hidden_states) -> dict:
@@ -575,16 +881,44 @@ def _output_flags(config, output_attentions, output_hidden_states) -> dict:
 
 
 class MosaicBertPreTrainedModel(PreTrainedModel):
+    """Weights init and the attention switch. `attn_implementation` ("sdpa" by default, "eager",
+    "flash_attention_2"; see MosaicBertConfig) is read at every call, so `set_attn_implementation` takes effect at
+    once. "flash_attention_2" names this package's Triton FlashAttention-2 kernel: the flash_attn package is not
+    needed."""
+
     config_class = MosaicBertConfig
     config: MosaicBertConfig
     base_model_prefix = "bert"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MosaicBertLayer"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
+    ) -> str:
+        if attn_implementation is None:
+            return "sdpa"
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported by MosaicBERT: use 'sdpa' (default: the "
+                "Triton kernels on CUDA in float16/bfloat16, PyTorch's scaled_dot_product_attention elsewhere), "
+                "'eager' (PyTorch only) or 'flash_attention_2' (the Triton kernels always; no flash_attn package)"
+            )
+        return attn_implementation
 
     def _init_weights(self, module: nn.Module):
-        """BERT's init: normal(0, initializer_range) weights, zero biases and padding row, unit LayerNorms."""
+        """BERT's init: normal(0, initializer_range) weights, zero biases and padding row, unit LayerNorms; the
+        pooler starts as the identity with a zero bias (deterministic where a checkpoint has no pooler)."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        pooler = getattr(self, "pooler", None)
+        if pooler is not None and module is pooler.dense:
+            init.eye_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -605,6 +939,10 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         self.embeddings = MosaicBertEmbeddings(config)
         self.encoder = MosaicBertEncoder(config)
         self.pooler = MosaicBertPooler(config) if add_pooling_layer else None
+        # What the last checked batch showed, for `PackedBatchGuess`: its (batch, seqlen) if it held no padding, and
+        # its labelled-token count.
+        self.packed_shape: tuple[int, int] | None = None
+        self.last_num_labelled = 0
         self.post_init()
 
     def get_input_embeddings(self):
@@ -619,58 +957,117 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_label_classes: int = 0,
+        labels_per_token: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> UnpaddedEncoding:
-        """Runs the encoder on the real tokens only and returns the unpadded result (what the heads build on).
+        guess_packed: bool = False,
+    ) -> Encoding:
+        """Checks the inputs and the head's labels, then runs the encoder and returns its result in the layout it ran
+        on (what the heads build on): the real tokens only in eager; every position while exporting, sorted real
+        tokens first under torch.compile (`TokenLayout`).
 
         input_ids, attention_mask, token_type_ids: (batch, seqlen); inputs_embeds: (batch, seqlen, hidden).
+        labels: the head's class labels, checked against num_label_classes with the inputs (one host
+        synchronisation for all): (batch, seqlen) per token (-100 on padding) or (batch,) per example.
         Padding may sit anywhere in a row; ALiBi positions count real tokens only.
+        guess_packed: with token labels on CUDA, run on a `PackedBatchGuess` when the last batch of this shape held no
+        padding; the caller must then confirm `Encoding.guess` before using the result.
         """
-        lengths = check_inputs(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
+        if torch.jit.is_tracing():
+            raise ValueError(
+                "torch.jit.trace cannot record MosaicBERT: the unpadding depends on the attention mask's values, so a "
+                "trace would give wrong numbers on other inputs. Use torch.export.export or "
+                "torch.onnx.export(..., dynamo=True), which take the padded path."
+            )
+        batch_size, seqlen = check_shapes(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
+        if labels is not None:
+            shape = (batch_size, seqlen) if labels_per_token else labels.shape[:1]
+            check_label_shapes(labels, shape, "one per token" if labels_per_token else "one per example")
         padded = input_ids if input_ids is not None else inputs_embeds
-        batch_size, seqlen = padded.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seqlen, dtype=torch.int32, device=padded.device)
-            lengths = (batch_size * seqlen, seqlen)
         if token_type_ids is None:
-            token_type_ids = torch.zeros(batch_size, seqlen, dtype=torch.long, device=padded.device)
-        padded, indices, cu_seqlens, max_seqlen = unpad_input(padded, attention_mask.to(torch.int32), lengths)
-        token_type_ids = index_first_axis(token_type_ids, indices)
-        if input_ids is not None:
-            hidden_states = self.embeddings(padded, token_type_ids, None)
+            token_type_ids = torch.zeros(batch_size, seqlen, dtype=torch.int64, device=padded.device)
+        mask = attention_mask != 0
+        token_labels = labels if labels is not None and labels_per_token else None
+        guess = None
+        if torch.compiler.is_exporting():  # no value checks, no unpadding: the layers run on every position
+            layout, labelled = TokenLayout(mask), None
         else:
-            hidden_states = self.embeddings(None, token_type_ids, padded)
-
+            args = (attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size,
+                    self.config.type_vocab_size, num_label_classes, labels_per_token)
+            if torch.compiler.is_compiling():  # shapes that do not depend on values: the sorted layout
+                order = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
+                cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+                real_rows = torch.arange(order.shape[0], device=order.device) < cu_seqlens[-1]
+                layout = TokenLayout(mask, order, cu_seqlens, max_seqlen=seqlen, real_rows=real_rows)
+                labelled = None
+            elif guess_packed and token_labels is not None and self.guess_applies(padded, output_attentions,
+                                                                                   output_hidden_states):
+                guess, layout, labelled = self.guess_packed_layout(attention_mask, input_ids, token_type_ids, labels)
+                input_ids = input_ids.clamp(0, self.config.vocab_size - 1)  # read before the checks arrive
+                token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
+                padded = input_ids
+            else:
+                lengths, num_labelled = read_batch(*args)
+                indices, cu_seqlens, labelled = unpad_rows(mask, token_labels, sum(lengths), num_labelled)
+                layout = TokenLayout(mask, indices, cu_seqlens, max_seqlen=max(lengths), lengths=lengths)
+                self.packed_shape = (batch_size, seqlen) if min(lengths) == seqlen else None
+                self.last_num_labelled = num_labelled
+        rows = layout.unpad(padded)
+        hidden_states = self.embeddings(
+            rows if input_ids is not None else None, layout.unpad(token_type_ids),
+            rows if input_ids is None else None,
+        )
         hidden_states, all_hidden_states, all_probabilities = self.encoder(
-            hidden_states, cu_seqlens, max_seqlen, output_attentions, output_hidden_states
+            hidden_states, layout, output_attentions, output_hidden_states
         )
-        return UnpaddedEncoding(
+        return Encoding(
             hidden_states=hidden_states,
-            indices=indices,
-            cu_seqlens=cu_seqlens,
-            batch_size=batch_size,
-            seqlen=seqlen,
-            all_hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=(
-                tuple(self._pad_attentions(p, indices, cu_seqlens, batch_size, seqlen) for p in all_probabilities)
-                if output_attentions
-                else None
-            ),
+            layout=layout,
+            all_hidden_states=all_hidden_states,
+            attentions=all_probabilities,
+            labels=None if token_labels is None else layout.unpad(token_labels),
+            labelled=None if token_labels is None else labelled,
+            guess=guess,
         )
 
-    @staticmethod
-    def _pad_attentions(probabilities, indices, cu_seqlens, batch_size, seqlen) -> torch.Tensor:
-        """Per-sequence (heads, L, L) probabilities -> (batch, heads, seqlen, seqlen), zeros on padded rows/cols."""
-        heads = next(p.shape[0] for p in probabilities if p is not None)
-        reference = next(p for p in probabilities if p is not None)
-        padded = reference.new_zeros(batch_size, heads, seqlen, seqlen)
-        for b, probs in enumerate(probabilities):
-            if probs is None:
-                continue
-            positions = indices[cu_seqlens[b] : cu_seqlens[b + 1]] - b * seqlen
-            padded[b, :, positions[:, None], positions[None, :]] = probs
-        return padded
+    def guess_applies(self, padded: torch.Tensor, output_attentions: bool, output_hidden_states: bool) -> bool:
+        """Whether this batch may run on a `PackedBatchGuess`: token ids on CUDA (where a host read waits for the
+        device), of the shape of the last checked batch, which held no padding; no per-layer outputs asked for."""
+        return (
+            padded.device.type in GUESS_DEVICES and not padded.dtype.is_floating_point
+            and self.packed_shape == tuple(padded.shape) and not output_attentions and not output_hidden_states
+        )
+
+    def guess_packed_layout(self, attention_mask, input_ids, token_type_ids, labels):
+        """The `PackedBatchGuess` of a (batch, seqlen) batch with token labels: every position a real token, and the
+        labelled rows up to a bound 3% + 128 above the last batch's count (filled with the row count). Returns the
+        guess, the layout and the (bound,) labelled rows."""
+        batch_size, seqlen = attention_mask.shape
+        rows, device = batch_size * seqlen, attention_mask.device
+        names, values = batch_checks(attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size, True)
+        bound = min(rows, -(-(self.last_num_labelled * 103 // 100 + 128) // 64) * 64)
+        guess = PackedBatchGuess(names, values, bound, attention_mask, labels, self.config)
+        layout = TokenLayout(
+            attention_mask != 0, torch.arange(rows, device=device),
+            torch.arange(0, rows + 1, seqlen, dtype=torch.int32, device=device), max_seqlen=seqlen,
+            lengths=[seqlen] * batch_size,
+        )
+        labelled = torch.nonzero_static(labels.flatten() != -100, size=bound, fill_value=rows).flatten()
+        return guess, layout, labelled
+
+    def confirm_guess(self, guess: PackedBatchGuess) -> int | None:
+        """`PackedBatchGuess.confirm`, remembering the labelled count (or, when the guess failed, that the next batch
+        must be checked first)."""
+        num_labelled = guess.confirm()
+        if num_labelled is None:
+            self.packed_shape = None
+        else:
+            self.last_num_labelled = num_labelled
+        return num_labelled
 
     @can_return_tuple
     def forward(
@@ -685,34 +1082,40 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         """Returns last_hidden_state (batch, seqlen, hidden) with zeros at padded positions, pooler_output
         (batch, hidden) from each sequence's first real token (when the model has a pooler), and, when asked,
         hidden_states (embeddings and each layer, each (batch, seqlen, hidden)) and attentions (each layer's
-        (batch, heads, seqlen, seqlen) probabilities; PyTorch attention path only)."""
+        (batch, heads, seqlen, seqlen) probabilities, computed in PyTorch)."""
         encoding = self.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
         pooled = self.pooler(encoding.first_token_states()) if self.pooler is not None else None
         return BaseModelOutputWithPooling(
-            last_hidden_state=encoding.pad(encoding.hidden_states),
+            last_hidden_state=encoding.last_hidden_state(),
             pooler_output=pooled,
-            hidden_states=encoding.padded_hidden_states(),
+            hidden_states=encoding.all_hidden_states,
             attentions=encoding.attentions,
         )
 
 
-def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
-    """Mean cross-entropy of the labelled tokens' (n_labelled, vocab) logits against their (n_labelled,) targets,
-    in float32 (float64 stays float64). Runs on the fused kernel where `kernel_policy_reason` allows (it reads the
-    half-precision logits once each way, where F.cross_entropy first copies them to float32), else on
-    F.cross_entropy. A batch with nothing labelled gives a zero loss (not NaN) that still reaches every head weight."""
-    if not targets.numel():
-        return upcast(logits).sum()
-    if kernel_policy_reason(backend, logits) is None and cross_entropy_unsupported_reason(logits, targets) is None:
-        return cross_entropy(logits, targets).mean()
-    return F.cross_entropy(upcast(logits), targets)
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """Mean cross-entropy over the rows whose target is not -100: (rows, vocab) logits, (rows,) targets; float32
+    (float64 stays float64). Runs on the fused kernel where `kernel_policy_reason` allows (it reads the half-precision
+    logits once each way, where F.cross_entropy first copies them to float32), else on F.cross_entropy. The count
+    stays on the device (no synchronisation); with nothing labelled the loss is zero (not NaN) and still reaches every
+    head weight."""
+    count = (targets != -100).sum().clamp(min=1)
+    if (
+        kernel_policy_reason(attn_implementation, logits) is None
+        and cross_entropy_unsupported_reason(logits, targets) is None
+    ):
+        losses = cross_entropy(logits, targets)
+    else:
+        losses = F.cross_entropy(upcast(logits), targets, reduction="none")
+    return losses.sum() / count
 
 
 class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
-    """MosaicBERT with the masked-language-modelling head. With labels, the head runs only on labelled tokens."""
+    """MosaicBERT with the masked-language-modelling head. In training with labels, the head runs only on the
+    labelled tokens."""
 
     _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 
@@ -720,7 +1123,6 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.bert = MosaicBertModel(config, add_pooling_layer=False)
         self.cls = MosaicBertOnlyMLMHead(config)
-        self.backend = config.attention_backend  # for the loss kernel
         self.post_init()
 
     def get_output_embeddings(self):
@@ -739,30 +1141,64 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        compact_logits: bool | None = None,
     ) -> MaskedLMOutput:
         """labels: (batch, seqlen) target ids, -100 where no prediction is wanted (and on every padded position).
-
-        Returns logits of shape (batch, seqlen, vocab) without labels. With labels, the MLM transform and decoder
-        run only on the labelled tokens, and logits has shape (num_labelled, vocab): one row per label other than
-        -100, in (batch, position) order, so `logits.argmax(-1)` compares with `labels[labels != -100]`.
         loss: mean cross-entropy over the labelled tokens.
+
+        logits: (batch, seqlen, vocab), zeros at padded positions, as in transformers' BERT; except in eager training
+        with labels (or with compact_logits=True), where the MLM transform and decoder run on the labelled tokens only
+        and logits is (num_labelled, vocab): one row per label other than -100, in (batch, position) order, so that
+        `logits.argmax(-1)` compares with `labels[labels != -100]`. compact_logits=False asks for the full shape in
+        training too. Compiled and exported graphs cannot size tensors by a count, so there the head runs on every
+        row and logits has the full shape.
         """
+        if compact_logits and labels is None:
+            raise ValueError("compact_logits=True keeps the rows of labelled tokens: it needs labels")
         encoding = self.bert.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
+            labels=labels, num_label_classes=self.config.vocab_size, labels_per_token=True,
             **_output_flags(self.config, output_attentions, output_hidden_states),
+            guess_packed=compact_logits if compact_logits is not None else self.training,
         )
+        if compact_logits and encoding.labelled is None:
+            raise ValueError("compact_logits=True needs the labelled count, which compiled or exported graphs lack")
+        compact = compact_logits if compact_logits is not None else self.training and encoding.labelled is not None
+        implementation = attn_implementation_of(self.config)
         loss = None
         if labels is None:
             logits = encoding.pad(self.cls(encoding.hidden_states))
+        elif compact and encoding.guess is not None:
+            # The filler rows (index = row count) score the last row against -100; out-of-range targets become
+            # -100 too until the checks arrive, so the loss never indexes out of bounds.
+            rows = encoding.labelled.clamp(max=encoding.hidden_states.shape[0] - 1)
+            targets = encoding.labels.index_select(0, rows)
+            vocab = self.config.vocab_size
+            targets = targets.where((encoding.labelled < encoding.labels.shape[0]) & (targets >= 0) & (targets < vocab),
+                                    -100)
+            logits = self.cls(encoding.hidden_states.index_select(0, rows))
+            loss = masked_lm_loss(logits, targets, implementation)
+            num_labelled = self.bert.confirm_guess(encoding.guess)
+            if num_labelled is None:  # the batch had padding, or more labels than the bound: the checked path
+                return self.forward(input_ids, attention_mask, token_type_ids, inputs_embeds, labels,
+                                    output_attentions, output_hidden_states, compact_logits, return_dict=True)
+            logits = logits[:num_labelled]
+        elif compact:
+            targets = encoding.labels.index_select(0, encoding.labelled)
+            logits = self.cls(encoding.hidden_states.index_select(0, encoding.labelled))
+            loss = masked_lm_loss(logits, targets, implementation)
         else:
-            labels, n_labelled = labels_of_real_tokens(labels, encoding, self.config.vocab_size)
-            labelled = true_positions(labels != -100, n_labelled)
-            targets = labels[labelled]
-            logits = self.cls(encoding.hidden_states[labelled])
-            loss = masked_lm_loss(logits, targets, self.backend)
+            logits = self.cls(encoding.hidden_states)
+            loss = masked_lm_loss(logits, encoding.labels, implementation)
+            logits = encoding.pad(logits)
         return MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
+            loss=loss, logits=logits, hidden_states=encoding.all_hidden_states, attentions=encoding.attentions
         )
+
+
+def _classifier_dropout(config: MosaicBertConfig) -> nn.Dropout:
+    dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+    return nn.Dropout(dropout)
 
 
 class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
@@ -772,8 +1208,7 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MosaicBertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -790,18 +1225,40 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
     ) -> SequenceClassifierOutput:
         """labels: (batch,) class ids or floats for regression, or (batch, num_labels) multi-hot targets.
         Returns logits (batch, num_labels)."""
+        class_labels = None
+        if labels is not None:
+            problem_type = self._problem_type(labels)
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if problem_type in ("regression", "single_label_classification"):
+                if tuple(labels.shape) not in ((batch,), (batch, 1)):
+                    raise ValueError(f"{problem_type} labels must have shape ({batch},), got {tuple(labels.shape)}")
+            elif tuple(labels.shape) != (batch, self.num_labels):
+                raise ValueError(
+                    f"multi-label labels must have shape {(batch, self.num_labels)}, got {tuple(labels.shape)}"
+                )
+            if problem_type == "single_label_classification":
+                class_labels = labels.view(-1)
         encoding = self.bert.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
+            labels=class_labels, num_label_classes=self.num_labels, labels_per_token=False,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
         pooled = self.bert.pooler(encoding.first_token_states())
         logits = self.classifier(self.dropout(pooled))
-        loss = None if labels is None else self._loss(logits, labels)
+        loss = None
+        if labels is not None:
+            if self.config.problem_type == "regression":
+                loss = MSELoss()(upcast(logits).squeeze(-1), labels.view(-1).to(upcast_dtype(logits.dtype)))
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(upcast(logits), class_labels)
+            else:
+                loss = BCEWithLogitsLoss()(upcast(logits), labels.to(upcast_dtype(logits.dtype)))
         return SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
+            loss=loss, logits=logits, hidden_states=encoding.all_hidden_states, attentions=encoding.attentions
         )
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _problem_type(self, labels: torch.Tensor) -> str:
+        """config.problem_type, set from the labels' dtype and num_labels the first time, as transformers' BERT."""
         if self.config.problem_type is None:
             if self.num_labels == 1:
                 self.config.problem_type = "regression"
@@ -809,20 +1266,7 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
                 self.config.problem_type = "single_label_classification"
             else:
                 self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type in ("regression", "single_label_classification"):
-            if tuple(labels.shape) not in ((logits.shape[0],), (logits.shape[0], 1)):
-                raise ValueError(
-                    f"{self.config.problem_type} labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}"
-                )
-        if self.config.problem_type == "regression":
-            return MSELoss()(upcast(logits).squeeze(-1), labels.view(-1).to(upcast_dtype(logits.dtype)))
-        if self.config.problem_type == "single_label_classification":
-            labels = labels.view(-1)
-            check_class_labels(labels, self.num_labels)
-            return CrossEntropyLoss()(upcast(logits), labels)
-        if tuple(labels.shape) != tuple(logits.shape):
-            raise ValueError(f"multi-label labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
-        return BCEWithLogitsLoss()(upcast(logits), labels.to(upcast_dtype(logits.dtype)))
+        return self.config.problem_type
 
 
 class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
@@ -831,8 +1275,7 @@ class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
     def __init__(self, config: MosaicBertConfig):
         super().__init__(config)
         self.bert = MosaicBertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -852,25 +1295,23 @@ class MosaicBertForMultipleChoice(MosaicBertPreTrainedModel):
         inputs = input_ids if input_ids is not None else inputs_embeds
         if inputs is None or inputs.dim() < 3:
             raise ValueError("Multiple choice inputs must have shape (batch, num_choices, seqlen)")
-        num_choices = inputs.shape[1]
+        batch, num_choices = inputs.shape[:2]
+        if labels is not None and tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), one choice index per example")
 
         def flat(t):
             return None if t is None else t.flatten(0, 1)
 
         encoding = self.bert.encode(
             flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(inputs_embeds),
+            labels=labels, num_label_classes=num_choices, labels_per_token=False,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
         pooled = self.bert.pooler(encoding.first_token_states())
         logits = self.classifier(self.dropout(pooled)).view(-1, num_choices)
-        loss = None
-        if labels is not None:
-            if tuple(labels.shape) != (logits.shape[0],):
-                raise ValueError(f"labels must have shape ({logits.shape[0]},), one choice index per example")
-            check_class_labels(labels, num_choices)
-            loss = CrossEntropyLoss()(upcast(logits), labels)
+        loss = None if labels is None else CrossEntropyLoss()(upcast(logits), labels)
         return MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=encoding.padded_hidden_states(), attentions=encoding.attentions
+            loss=loss, logits=logits, hidden_states=encoding.all_hidden_states, attentions=encoding.attentions
         )
 
 
@@ -881,8 +1322,7 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MosaicBertModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -900,17 +1340,15 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         """labels: (batch, seqlen) class ids, -100 where ignored (and on every padded position)."""
         encoding = self.bert.encode(
             input_ids, attention_mask, token_type_ids, inputs_embeds,
+            labels=labels, num_label_classes=self.num_labels, labels_per_token=True,
             **_output_flags(self.config, output_attentions, output_hidden_states),
         )
-        token_logits = self.classifier(self.dropout(encoding.hidden_states))  # (total_tokens, num_labels)
-        loss = None
-        if labels is not None:
-            labels, _ = labels_of_real_tokens(labels, encoding, self.num_labels)
-            loss = CrossEntropyLoss()(upcast(token_logits), labels)
+        token_logits = self.classifier(self.dropout(encoding.hidden_states))  # (tokens, num_labels)
+        loss = None if labels is None else CrossEntropyLoss()(upcast(token_logits), encoding.labels)
         return TokenClassifierOutput(
             loss=loss,
             logits=encoding.pad(token_logits),
-            hidden_states=encoding.padded_hidden_states(),
+            hidden_states=encoding.all_hidden_states,
             attentions=encoding.attentions,
         )
 
@@ -958,7 +1396,7 @@ class MosaicBertForQuestionAnswering(MosaicBertPreTrainedModel):
             loss=loss,
             start_logits=start_logits,
             end_logits=end_logits,
-            hidden_states=encoding.padded_hidden_states(),
+            hidden_states=encoding.all_hidden_states,
             attentions=encoding.attentions,
         )
 
