@@ -7,14 +7,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-run_stage() {  # run_stage NAME CMD...: runs CMD, prints its time and exit status, returns its exit status
-    local name=$1 start status
+run_stage() {  # run_stage NAME CMD...: runs CMD, prints its wall and CPU time and exit status, returns the status
+    local name=$1 status TIMEFORMAT
     shift
-    start=$SECONDS
-    echo "=== $name: $*"
-    "$@"
+    echo "=== $name: ${*@Q}"
+    TIMEFORMAT="=== $name: %0R s wall, %0U s user + %0S s system CPU"
+    time "$@"
     status=$?
-    echo "=== $name: exit status $status after $((SECONDS - start)) s"
+    echo "=== $name: exit status $status"
     return "$status"
 }
 
