@@ -871,6 +871,22 @@ if not _op_registered("check_batch"):
         return attention_mask.new_empty(attention_mask.numel(), dtype=torch.int64)
 
 
+def check_call(config, input_ids, attention_mask, token_type_ids, inputs_embeds, labels, labels_per_token):
+    """What can be refused before any value is read: tracing by torch.jit.trace, and inputs or labels of a shape or
+    dtype the model cannot take (ValueError). Returns (batch, seqlen)."""
+    if torch.jit.is_tracing():
+        raise ValueError(
+            "torch.jit.trace cannot record MosaicBERT: the unpadding depends on the attention mask's values, so a "
+            "trace would give wrong numbers on other inputs. Use torch.export.export or "
+            "torch.onnx.export(..., dynamo=True), which take the padded path."
+        )
+    batch_size, seqlen = check_shapes(config, input_ids, attention_mask, token_type_ids, inputs_embeds)
+    if labels is not None:
+        shape = (batch_size, seqlen) if labels_per_token else labels.shape[:1]
+        check_label_shapes(labels, shape, "one per token" if labels_per_token else "one per example")
+    return batch_size, seqlen
+
+
 def compiled_layout(args: tuple, mask: torch.Tensor) -> TokenLayout:
     """The sorted layout torch.compile runs on, after the checks of `check_batch` (an opaque operator: no guard on
     any value, no graph break): every position of the batch, the real tokens first."""
@@ -984,16 +1000,8 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         guess_packed: with token labels on CUDA, run on a `PackedBatchGuess` when the last batch of this shape held no
         padding; the caller must then confirm `Encoding.guess` before using the result.
         """
-        if torch.jit.is_tracing():
-            raise ValueError(
-                "torch.jit.trace cannot record MosaicBERT: the unpadding depends on the attention mask's values, so a "
-                "trace would give wrong numbers on other inputs. Use torch.export.export or "
-                "torch.onnx.export(..., dynamo=True), which take the padded path."
-            )
-        batch_size, seqlen = check_shapes(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
-        if labels is not None:
-            shape = (batch_size, seqlen) if labels_per_token else labels.shape[:1]
-            check_label_shapes(labels, shape, "one per token" if labels_per_token else "one per example")
+        batch_size, seqlen = check_call(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds, labels,
+                                        labels_per_token)
         padded = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seqlen, dtype=torch.int32, device=padded.device)
