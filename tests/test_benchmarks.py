@@ -85,6 +85,15 @@ def test_profile_step_smoke_writes_its_categories(tmp_path):
     assert "| category |" in stdout
 
 
+@pytest.mark.parametrize("workload", ["pretrain", "finetune"])
+def test_host_time_smoke_reports_each_phase_and_one_entry_check_per_step(tmp_path, workload):
+    run_script(["benchmarks/host_time.py", "--smoke", "--steps", "2", "--workload", workload, "--out", str(tmp_path)],
+               tmp_path)
+    result = json.loads((tmp_path / f"host_time_{workload}.json").read_text())
+    assert set(result["host_ms_per_step"]) == {"forward", "backward", "optimizer"}
+    assert result["entry_checks_per_step"] == 1.0  # on the CPU every batch is checked first
+
+
 def test_gpu_suite_runs_a_part_and_summarises(tmp_path):
     stdout = run_script(["benchmarks/gpu_suite.py", "--smoke", "--parts", "profile", "--out", str(tmp_path)],
                         tmp_path)
