@@ -96,15 +96,28 @@ def exported(request, checkpoint, tokenizer, tmp_path_factory):
     return model, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def pad_in_the_middle(inputs: dict) -> dict:
+    """A right-padded batch with each row's padding moved between the first half of its tokens and the rest
+    (ALiBi distances then differ between padded and real-token positions)."""
+    mask = inputs["attention_mask"]
+    order = torch.empty_like(mask)
+    for row, length in enumerate(mask.sum(-1).tolist()):
+        half, seqlen = length // 2, mask.shape[1]
+        order[row] = torch.cat([torch.arange(half), torch.arange(length, seqlen), torch.arange(half, length)])
+    return {name: tensor.gather(1, order) for name, tensor in inputs.items()}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_onnx_export_matches_eager_on_new_padded_shapes(exported, tokenizer, padding_side):
+@pytest.mark.parametrize("padding", ["right", "left", "middle"])
+def test_onnx_export_matches_eager_on_new_padded_shapes(exported, tokenizer, padding):
     model, session = exported
     names = [o.name for o in session.get_outputs()]
     # 4 x 21 and 3 x 9, neither the export example's 2 x 16; rows of 3 to 21 real tokens
     for texts, max_length in ((SENTENCES, None), (SENTENCES[1:], 9)):
         inputs = dict(tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
-                                padding_side=padding_side, return_tensors="pt"))
+                                padding_side="left" if padding == "left" else "right", return_tensors="pt"))
+        if padding == "middle":
+            inputs = pad_in_the_middle(inputs)
         assert (inputs["attention_mask"] == 0).any() and inputs["input_ids"].shape[0] != 2
         with torch.inference_mode():
             eager = model(**inputs).to_tuple()
