@@ -1,11 +1,11 @@
 """The model with the libraries users plug an encoder into, the real ones, on CPU: ONNX export through
-torch.onnx.export(dynamo=True) run in onnxruntime, transformers' attention switch through sentence-transformers,
-a PEFT LoRA classifier's adapter round trip, sentence-transformers training, and Trainer.predict with run_mlm-style
-metrics.
+torch.onnx.export(dynamo=True) run in onnxruntime (and scripts/export_onnx.py), transformers' attention switch
+through from_pretrained and sentence-transformers, a PEFT LoRA classifier's adapter round trip, sentence-transformers
+training, and Trainer.predict with run_mlm-style metrics.
 
 Every test loads a tiny model the way a user loads a checkpoint: a MosaicBertForMaskedLM saved with save_pretrained
 (so, like the checkpoints pretraining writes, with no pooler weights) next to the repository's tokenizer files, read
-back through the Auto classes with trust_remote_code=True, offline. Exports are made once per module.
+back through the Auto classes with trust_remote_code=True, offline. Each head is exported once for all its tests.
 """
 
 from __future__ import annotations
