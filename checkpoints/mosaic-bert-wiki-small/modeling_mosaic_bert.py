@@ -871,6 +871,31 @@ if not _op_registered("check_batch"):
         return attention_mask.new_empty(attention_mask.numel(), dtype=torch.int64)
 
 
+def check_call(config, input_ids, attention_mask, token_type_ids, inputs_embeds, labels, labels_per_token):
+    """What can be refused before any value is read: tracing by torch.jit.trace, and inputs or labels of a shape or
+    dtype the model cannot take (ValueError). Returns (batch, seqlen)."""
+    if torch.jit.is_tracing():
+        raise ValueError(
+            "torch.jit.trace cannot record MosaicBERT: the unpadding depends on the attention mask's values, so a "
+            "trace would give wrong numbers on other inputs. Use torch.export.export or "
+            "torch.onnx.export(..., dynamo=True), which take the padded path."
+        )
+    batch_size, seqlen = check_shapes(config, input_ids, attention_mask, token_type_ids, inputs_embeds)
+    if labels is not None:
+        shape = (batch_size, seqlen) if labels_per_token else labels.shape[:1]
+        check_label_shapes(labels, shape, "one per token" if labels_per_token else "one per example")
+    return batch_size, seqlen
+
+
+def compiled_layout(args: tuple, mask: torch.Tensor) -> TokenLayout:
+    """The sorted layout torch.compile runs on, after the checks of `check_batch` (an opaque operator: no guard on
+    any value, no graph break): every position of the batch, the real tokens first."""
+    order = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
+    cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+    real_rows = torch.arange(order.shape[0], device=order.device) < cu_seqlens[-1]
+    return TokenLayout(mask, order, cu_seqlens, max_seqlen=mask.shape[1], real_rows=real_rows)
+
+
 def _output_flags(config, output_attentions, output_hidden_states) -> dict:
     return {
         "output_attentions": bool(output_attentions if output_attentions is not None else config.output_attentions),
@@ -975,16 +1000,8 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         guess_packed: with token labels on CUDA, run on a `PackedBatchGuess` when the last batch of this shape held no
         padding; the caller must then confirm `Encoding.guess` before using the result.
         """
-        if torch.jit.is_tracing():
-            raise ValueError(
-                "torch.jit.trace cannot record MosaicBERT: the unpadding depends on the attention mask's values, so a "
-                "trace would give wrong numbers on other inputs. Use torch.export.export or "
-                "torch.onnx.export(..., dynamo=True), which take the padded path."
-            )
-        batch_size, seqlen = check_shapes(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds)
-        if labels is not None:
-            shape = (batch_size, seqlen) if labels_per_token else labels.shape[:1]
-            check_label_shapes(labels, shape, "one per token" if labels_per_token else "one per example")
+        batch_size, seqlen = check_call(self.config, input_ids, attention_mask, token_type_ids, inputs_embeds, labels,
+                                        labels_per_token)
         padded = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seqlen, dtype=torch.int32, device=padded.device)
@@ -999,11 +1016,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             args = (attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size,
                     self.config.type_vocab_size, num_label_classes, labels_per_token)
             if torch.compiler.is_compiling():  # shapes that do not depend on values: the sorted layout
-                order = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
-                cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
-                real_rows = torch.arange(order.shape[0], device=order.device) < cu_seqlens[-1]
-                layout = TokenLayout(mask, order, cu_seqlens, max_seqlen=seqlen, real_rows=real_rows)
-                labelled = None
+                layout, labelled = compiled_layout(args, mask), None
             elif guess_packed and token_labels is not None and self.guess_applies(padded, output_attentions,
                                                                                    output_hidden_states):
                 guess, layout, labelled = self.guess_packed_layout(attention_mask, input_ids, token_type_ids, labels)
@@ -1011,11 +1024,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
                 token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
                 padded = input_ids
             else:
-                lengths, num_labelled = read_batch(*args)
-                indices, cu_seqlens, labelled = unpad_rows(mask, token_labels, sum(lengths), num_labelled)
-                layout = TokenLayout(mask, indices, cu_seqlens, max_seqlen=max(lengths), lengths=lengths)
-                self.packed_shape = (batch_size, seqlen) if min(lengths) == seqlen else None
-                self.last_num_labelled = num_labelled
+                layout, labelled = self.checked_layout(args, mask, token_labels)
         rows = layout.unpad(padded)
         hidden_states = self.embeddings(
             rows if input_ids is not None else None, layout.unpad(token_type_ids),
@@ -1033,6 +1042,15 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             labelled=None if token_labels is None else labelled,
             guess=guess,
         )
+
+    def checked_layout(self, args: tuple, mask: torch.Tensor, token_labels: torch.Tensor | None):
+        """The unpadded layout after `read_batch` (its one host read), and the (num_labelled,) labelled rows; notes
+        for `PackedBatchGuess` whether the batch was full and how many tokens it labelled."""
+        lengths, num_labelled = read_batch(*args)
+        indices, cu_seqlens, labelled = unpad_rows(mask, token_labels, sum(lengths), num_labelled)
+        self.packed_shape = tuple(mask.shape) if min(lengths) == mask.shape[1] else None
+        self.last_num_labelled = num_labelled
+        return TokenLayout(mask, indices, cu_seqlens, max_seqlen=max(lengths), lengths=lengths), labelled
 
     def guess_applies(self, padded: torch.Tensor, output_attentions: bool, output_hidden_states: bool) -> bool:
         """Whether this batch may run on a `PackedBatchGuess`: token ids on CUDA (where a host read waits for the
@@ -1131,6 +1149,21 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings
 
+    def guessed_head(self, encoding: Encoding) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The head and loss on the (bound,) labelled rows of a `PackedBatchGuess`, then its confirmation: returns
+        the (num_labelled, vocab) logits and the loss, or (None, None) when the guess failed. The filler rows (index
+        = row count) score the last row against -100, and out-of-range targets count as -100 until the checks
+        arrive, so nothing indexes out of bounds before a bad batch raises."""
+        rows = encoding.labelled.clamp(max=encoding.hidden_states.shape[0] - 1)
+        targets = encoding.labels.index_select(0, rows)
+        in_range = (encoding.labelled < encoding.labels.shape[0]) & (targets >= 0) & (targets < self.config.vocab_size)
+        logits = self.cls(encoding.hidden_states.index_select(0, rows))
+        loss = masked_lm_loss(logits, targets.where(in_range, -100), attn_implementation_of(self.config))
+        num_labelled = self.bert.confirm_guess(encoding.guess)
+        if num_labelled is None:
+            return None, None
+        return logits[:num_labelled], loss
+
     @can_return_tuple
     def forward(
         self,
@@ -1169,20 +1202,10 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         if labels is None:
             logits = encoding.pad(self.cls(encoding.hidden_states))
         elif compact and encoding.guess is not None:
-            # The filler rows (index = row count) score the last row against -100; out-of-range targets become
-            # -100 too until the checks arrive, so the loss never indexes out of bounds.
-            rows = encoding.labelled.clamp(max=encoding.hidden_states.shape[0] - 1)
-            targets = encoding.labels.index_select(0, rows)
-            vocab = self.config.vocab_size
-            targets = targets.where((encoding.labelled < encoding.labels.shape[0]) & (targets >= 0) & (targets < vocab),
-                                    -100)
-            logits = self.cls(encoding.hidden_states.index_select(0, rows))
-            loss = masked_lm_loss(logits, targets, implementation)
-            num_labelled = self.bert.confirm_guess(encoding.guess)
-            if num_labelled is None:  # the batch had padding, or more labels than the bound: the checked path
+            logits, loss = self.guessed_head(encoding)
+            if logits is None:  # the batch had padding, or more labels than the bound: the checked path
                 return self.forward(input_ids, attention_mask, token_type_ids, inputs_embeds, labels,
                                     output_attentions, output_hidden_states, compact_logits, return_dict=True)
-            logits = logits[:num_labelled]
         elif compact:
             targets = encoding.labels.index_select(0, encoding.labelled)
             logits = self.cls(encoding.hidden_states.index_select(0, encoding.labelled))
