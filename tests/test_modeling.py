@@ -897,3 +897,20 @@ def test_checkpoint_without_pooler_loads_the_same_pooler_and_logits_every_time(d
     (p1, h1, _, l1), (p2, h2, _, l2) = results
     assert torch.equal(p1, p2) and torch.equal(h1, h2) and torch.equal(p1, h1)
     assert torch.equal(l1, l2)
+
+
+def test_forward_hooks_on_the_output_projections_still_run():
+    """The residual LayerNorm fuses a projection's bias only when nothing hooks the projection: a hook (device
+    offload, pruning, activation capture) sees the call and its output counts."""
+    from modeling_mosaic_bert import MosaicBertModel
+
+    config = make_config(Dims(), hidden_dropout_prob=0.0)
+    model = MosaicBertModel(config).eval()
+    ids, mask, _ = ragged_batch(Dims(), [5, 3])
+    before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    seen = []
+    dense = model.encoder.layer[0].attention.output.dense
+    dense.register_forward_hook(lambda module, args, output: seen.append(output.shape) or output * 0)
+    after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert seen, "the hook of a projection was skipped"
+    assert not torch.allclose(before, after), "the hook's output was ignored"

@@ -146,3 +146,17 @@ def test_full_bf16_batches_on_cuda_run_on_the_guess_without_a_device_wait_before
         ref = reference(**batch)
     assert guesses and guesses[-1] is not None
     torch.testing.assert_close(out.loss.float(), ref.loss.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_an_evaluation_batch_between_training_batches_keeps_the_guess(guess_on_cpu, monkeypatch):
+    model = make_model()
+    guesses = count_guesses(monkeypatch, model)
+    model(**collated(seed=0, batch=16, seqlen=64))
+    model.eval()
+    evaluation = collated(seed=1, batch=16, seqlen=64)
+    evaluation["labels"] = torch.full_like(evaluation["labels"], -100)
+    evaluation["labels"][0, 0] = 5  # one label: a bound sized from it would be far too small for training batches
+    model(**evaluation)
+    model.train()
+    model(**collated(seed=2, batch=16, seqlen=64))  # ~300 labels
+    assert guesses and guesses[-1] is not None, "an evaluation batch must not change what the guess expects"
