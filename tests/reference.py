@@ -242,7 +242,9 @@ def encode(
         bias = alibi_bias(nh, L, dtype)
         for i in range(d.num_hidden_layers):
             p = f"encoder.layer.{i}."
-            qkv = linear(x, _get(sd, prefix, p + "attention.self.Wqkv.weight"), _get(sd, prefix, p + "attention.self.Wqkv.bias"))
+            qkv = linear(
+                x, _get(sd, prefix, p + "attention.self.Wqkv.weight"), _get(sd, prefix, p + "attention.self.Wqkv.bias")
+            )
             q = qkv[:, :H].reshape(L, nh, hd).transpose(0, 1)  # (nh, L, hd)
             k = qkv[:, H : 2 * H].reshape(L, nh, hd).transpose(0, 1)
             v = qkv[:, 2 * H :].reshape(L, nh, hd).transpose(0, 1)
@@ -252,7 +254,11 @@ def encode(
             full = torch.zeros(nh, S, S, dtype=dtype)
             full[:, idx[:, None], idx[None, :]] = probs
             att_rows[i].append(full)
-            a = linear(ctx, _get(sd, prefix, p + "attention.output.dense.weight"), _get(sd, prefix, p + "attention.output.dense.bias"))
+            a = linear(
+                ctx,
+                _get(sd, prefix, p + "attention.output.dense.weight"),
+                _get(sd, prefix, p + "attention.output.dense.bias"),
+            )
             x = layer_norm(
                 a + x,
                 _get(sd, prefix, p + "attention.output.LayerNorm.weight"),
@@ -293,7 +299,9 @@ def mlm_logits(sd: dict, d: Dims, seq_out: torch.Tensor, eps=None) -> torch.Tens
     eps = d.layer_norm_eps if eps is None else eps
     t = linear(seq_out, sd["cls.predictions.transform.dense.weight"], sd["cls.predictions.transform.dense.bias"])
     t = gelu_exact(t)
-    t = layer_norm(t, sd["cls.predictions.transform.LayerNorm.weight"], sd["cls.predictions.transform.LayerNorm.bias"], eps)
+    t = layer_norm(
+        t, sd["cls.predictions.transform.LayerNorm.weight"], sd["cls.predictions.transform.LayerNorm.bias"], eps
+    )
     # decoder weight tied to the word embeddings
     return linear(t, sd["bert.embeddings.word_embeddings.weight"], sd["cls.predictions.decoder.bias"])
 
@@ -318,7 +326,9 @@ def mlm(sd, d, input_ids, attention_mask=None, token_type_ids=None, labels=None,
     return out
 
 
-def seq_cls(sd, d, input_ids, attention_mask=None, token_type_ids=None, labels=None, problem_type=None, inputs_embeds=None):
+def seq_cls(
+    sd, d, input_ids, attention_mask=None, token_type_ids=None, labels=None, problem_type=None, inputs_embeds=None
+):
     enc = encode(sd, d, input_ids, attention_mask, token_type_ids, inputs_embeds, pooler_prefix="bert.pooler.")
     logits = linear(enc["pooled"], sd["classifier.weight"], sd["classifier.bias"])
     out = {"logits": logits, "enc": enc}
@@ -332,7 +342,10 @@ def seq_cls(sd, d, input_ids, attention_mask=None, token_type_ids=None, labels=N
             else:
                 problem_type = "multi_label_classification"
         if problem_type == "regression":
-            out["loss"] = ((logits.squeeze(-1) - labels.to(logits.dtype).squeeze(-1)) ** 2).mean() if n == 1 else ((logits - labels) ** 2).mean()
+            if n == 1:
+                out["loss"] = ((logits.squeeze(-1) - labels.to(logits.dtype).squeeze(-1)) ** 2).mean()
+            else:
+                out["loss"] = ((logits - labels) ** 2).mean()
         elif problem_type == "single_label_classification":
             out["loss"] = cross_entropy(logits, labels)
         else:
@@ -363,7 +376,9 @@ def token_cls(sd, d, input_ids, attention_mask=None, token_type_ids=None, labels
     return out
 
 
-def question_answering(sd, d, input_ids, attention_mask=None, token_type_ids=None, start_positions=None, end_positions=None):
+def question_answering(
+    sd, d, input_ids, attention_mask=None, token_type_ids=None, start_positions=None, end_positions=None
+):
     enc = encode(sd, d, input_ids, attention_mask, token_type_ids)
     lg = linear(enc["last_hidden_state"], sd["qa_outputs.weight"], sd["qa_outputs.bias"])
     lg = lg * enc["mask"][..., None].to(lg.dtype)
@@ -376,7 +391,8 @@ def question_answering(sd, d, input_ids, attention_mask=None, token_type_ids=Non
 
 def base(sd, d, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, with_pooler=False):
     return encode(
-        sd, d, input_ids, attention_mask, token_type_ids, inputs_embeds, prefix="", pooler_prefix="pooler." if with_pooler else None
+        sd, d, input_ids, attention_mask, token_type_ids, inputs_embeds, prefix="",
+        pooler_prefix="pooler." if with_pooler else None,
     )
 
 

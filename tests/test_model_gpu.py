@@ -11,6 +11,8 @@ import copy
 import pytest
 import torch
 
+from conftest import rel_err
+
 pytestmark = pytest.mark.gpu
 
 
@@ -34,9 +36,6 @@ def ragged(lengths, vocab=512, seed=0, seqlen=None):
     return ids.cuda(), mask.cuda()
 
 
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_kernel_is_the_default_attention_on_cuda_in_bf16():

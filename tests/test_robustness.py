@@ -22,8 +22,7 @@ import reference as ref
 from conftest import build, ragged_batch, real_tokens
 from reference import Dims
 
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+needs_cuda = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
