@@ -32,7 +32,8 @@ class MosaicBertConfig(PretrainedConfig):
         num_attention_heads (`int`, defaults to 12): attention heads; `hidden_size` must be a multiple of it.
         intermediate_size (`int`, defaults to 3072): width of each half of the gated feed-forward.
         hidden_act (`str`, defaults to `"gelu"`): activation of the feed-forward gate and of the MLM transform.
-        hidden_dropout_prob (`float`, defaults to 0.1): dropout on embeddings, sublayer outputs and the pooler.
+        hidden_dropout_prob (`float`, defaults to 0.1): dropout on the embeddings, the attention output, the
+            GeGLU activation and (unless `classifier_dropout` is set) before classification heads.
         attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on attention probabilities. While it is
             active in training, attention runs on the PyTorch path.
         type_vocab_size (`int`, defaults to 2): token type (segment) ids.

@@ -113,6 +113,19 @@ class MosaicBertLayerNorm(nn.LayerNorm):
             )
 
 
+def bias_is_fusable(projection: nn.Module) -> bool:
+    """Whether the residual LayerNorm may run projection's matmul itself and fuse its bias: a plain nn.Linear with a
+    bias that nothing hooks (forward hooks of the module or global ones: device offload, pruning, capture), since the
+    fused route does not call the module."""
+    from torch.nn.modules import module as nn_module
+
+    return (
+        type(projection) is nn.Linear and projection.bias is not None
+        and not projection._forward_hooks and not projection._forward_pre_hooks
+        and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
+    )
+
+
 class MosaicBertResidualLayerNorm(MosaicBertLayerNorm):
     """The end of every encoder block, LN(dropout(projection(x)) + residual). Runs as one fused Triton kernel each way
     where `kernel_policy_reason` allows: the projection's matmul runs without its bias, which the kernel adds (and
@@ -131,10 +144,11 @@ class MosaicBertResidualLayerNorm(MosaicBertLayerNorm):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, projection: nn.Module) -> torch.Tensor:
         """x: (total_tokens, in_features), residual: (total_tokens, hidden) -> (total_tokens, hidden).
-        projection: the block's output nn.Linear (in_features -> hidden). Only a plain nn.Linear with a bias has its
-        bias fused; a wrapped one (a PEFT adapter, say) runs as it is."""
+        projection: the block's output nn.Linear (in_features -> hidden). Only a plain, unhooked nn.Linear with a bias
+        has its bias fused (`bias_is_fusable`); any other (a PEFT adapter, an offloaded or pruned layer) runs as it
+        is."""
         dropout_p = self.dropout_prob if self.training else 0.0
-        if type(projection) is nn.Linear and projection.bias is not None:
+        if bias_is_fusable(projection):
             projected = F.linear(x, projection.weight)
             if self.kernel_unsupported_reason(projected, residual, projection.bias) is None:
                 return dropout_add_layer_norm(projected, residual, self.weight, self.bias, self.eps, dropout_p,
@@ -794,7 +808,7 @@ class PackedBatchGuess:
         self.host.copy_(values, non_blocking=on_cuda)
         self.ready = torch.cuda.Event() if on_cuda else None
         if on_cuda:
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(values.device))
 
     def confirm(self) -> int | None:
         """The number of labelled tokens when the guess held; None when the batch must be computed again. Raises
@@ -1024,7 +1038,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
                 token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
                 padded = input_ids
             else:
-                layout, labelled = self.checked_layout(args, mask, token_labels)
+                layout, labelled = self.checked_layout(args, mask, token_labels, note=guess_packed)
         rows = layout.unpad(padded)
         hidden_states = self.embeddings(
             rows if input_ids is not None else None, layout.unpad(token_type_ids),
@@ -1043,13 +1057,15 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             guess=guess,
         )
 
-    def checked_layout(self, args: tuple, mask: torch.Tensor, token_labels: torch.Tensor | None):
-        """The unpadded layout after `read_batch` (its one host read), and the (num_labelled,) labelled rows; notes
-        for `PackedBatchGuess` whether the batch was full and how many tokens it labelled."""
+    def checked_layout(self, args: tuple, mask: torch.Tensor, token_labels: torch.Tensor | None, note: bool):
+        """The unpadded layout after `read_batch` (its one host read), and the (num_labelled,) labelled rows. With
+        `note` (a batch that could have been guessed: not an evaluation batch, whose labelling rate may differ),
+        notes for `PackedBatchGuess` whether the batch was full and how many tokens it labelled."""
         lengths, num_labelled = read_batch(*args)
         indices, cu_seqlens, labelled = unpad_rows(mask, token_labels, sum(lengths), num_labelled)
-        self.packed_shape = tuple(mask.shape) if min(lengths) == mask.shape[1] else None
-        self.last_num_labelled = num_labelled
+        if note:
+            self.packed_shape = tuple(mask.shape) if min(lengths) == mask.shape[1] else None
+            self.last_num_labelled = num_labelled
         return TokenLayout(mask, indices, cu_seqlens, max_seqlen=max(lengths), lengths=lengths), labelled
 
     def guess_applies(self, padded: torch.Tensor, output_attentions: bool, output_hidden_states: bool) -> bool:
@@ -1204,6 +1220,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         elif compact and encoding.guess is not None:
             logits, loss = self.guessed_head(encoding)
             if logits is None:  # the batch had padding, or more labels than the bound: the checked path
+                del encoding  # frees the guessed forward's graph before the second one
                 return self.forward(input_ids, attention_mask, token_type_ids, inputs_embeds, labels,
                                     output_attentions, output_hidden_states, compact_logits, return_dict=True)
         elif compact:

@@ -132,7 +132,6 @@ def op_namespace(kernel_file: str) -> str:
     return f"mosaic_bert_{digest.hexdigest()[:16]}"
 
 
-
 def define_ops(namespace: str, forward, backward, setup_context, backward_of_forward):
     """Registers the forward op and the backward op of a kernel pair as PyTorch custom ops in namespace (see
     `op_namespace`), with fake implementations (so torch.compile traces them) and autograd on the forward op, unless
@@ -192,8 +191,9 @@ def autograd_or_op(op, implementation, setup_context, backward_of_forward):
             return output
 
         @staticmethod
-        def backward(ctx, *grad_outputs):
-            return backward_of_forward(ctx, *grad_outputs)
+        @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable: refuse
+        def backward(ctx, *grad_outputs):  # create_graph=True clearly. Secondary outputs get None here, zeros on
+            return backward_of_forward(ctx, *grad_outputs)  # the op route: every backward_of_forward ignores them
 
     def call(*args):
         return op(*args) if traced(args) else EagerFunction.apply(*args)
