@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from torch.nn.modules import module as nn_module
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -117,8 +118,6 @@ def bias_is_fusable(projection: nn.Module) -> bool:
     """Whether the residual LayerNorm may run projection's matmul itself and fuse its bias: a plain nn.Linear with a
     bias that nothing hooks (forward hooks of the module or global ones: device offload, pruning, capture), since the
     fused route does not call the module."""
-    from torch.nn.modules import module as nn_module
-
     return (
         type(projection) is nn.Linear and projection.bias is not None
         and not projection._forward_hooks and not projection._forward_pre_hooks

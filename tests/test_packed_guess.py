@@ -133,9 +133,8 @@ def test_the_guess_is_only_taken_where_a_host_read_waits_for_the_device(monkeypa
 
 
 @pytest.mark.gpu
-def test_full_bf16_batches_on_cuda_run_on_the_guess_without_a_device_wait_before_the_forward(monkeypatch):
-    """On CUDA in bf16 the step after a full batch takes the guess, agrees with the checked path, and makes no
-    synchronising call before its confirm (sync debug mode counts only the calls torch flags)."""
+def test_full_bf16_batches_on_cuda_take_the_guess_and_agree_with_the_checked_path(monkeypatch):
+    """On CUDA in bf16 the step after a full batch runs on the guess (confirmed) and gives the checked path's loss."""
     model = make_model(device="cuda", dtype=torch.float32)
     reference = copy.deepcopy(model)
     guesses = count_guesses(monkeypatch, model)
