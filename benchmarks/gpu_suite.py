@@ -9,6 +9,7 @@ Parts, in this order, each a subprocess with its own time limit (--<part>-s), al
              module that cannot be imported there, for want of a package, is reported and the rest still run)
     model    benchmarks/model.py     -> model_bench.json, model_bench.png
     recipe   benchmarks/recipe.py    -> recipe_bench.json, recipe_bench.png
+    finetune benchmarks/finetune_trainer.py -> finetune_trainer.json (Trainer fine-tuning, eager and compiled)
     profile  benchmarks/profile_step.py --by-op  -> profile_step.json
 A part that runs out of time is stopped; model.py and recipe.py rewrite their JSON as they go, so what finished is
 kept. Writes to --out (default $OUT): the result files above, summary.md (status of each part and every table,
@@ -33,10 +34,10 @@ sys.path.insert(0, str(HERE))
 
 from report import render  # noqa: E402
 
-PARTS = ("tests", "model", "recipe", "profile")
-BUDGETS = {"tests": 180, "model": 330, "recipe": 240, "profile": 60}
+PARTS = ("tests", "model", "recipe", "finetune", "profile")
+BUDGETS = {"tests": 180, "model": 330, "recipe": 240, "finetune": 200, "profile": 60}
 RESULTS = {"model": ("model_bench.json", "model_bench.png"), "recipe": ("recipe_bench.json", "recipe_bench.png"),
-           "profile": ("profile_step.json",)}
+           "finetune": ("finetune_trainer.json",), "profile": ("profile_step.json",)}
 
 
 def parse_args(argv=None):
@@ -51,6 +52,7 @@ def parse_args(argv=None):
                    "data/sample with --smoke)")
     p.add_argument("--model-args", default="", help="extra arguments for model.py, one string")
     p.add_argument("--recipe-args", default="", help="extra arguments for recipe.py, one string")
+    p.add_argument("--finetune-args", default="", help="extra arguments for finetune_trainer.py, one string")
     p.add_argument("--tests-args", default="tests", help="pytest's test paths and options (default: tests)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of the suite: the benchmarks' --smoke modes, the GPU tests only collected")
@@ -78,6 +80,8 @@ def command(part, args, out, limit):
     if part == "recipe":
         files = ["--train-files", *args.train_files] if args.train_files else []
         return [python, str(HERE / "recipe.py"), "--out", str(out), *files, *smoke, *args.recipe_args.split()]
+    if part == "finetune":
+        return [python, str(HERE / "finetune_trainer.py"), "--out", str(out), *smoke, *args.finetune_args.split()]
     return [python, str(HERE / "profile_step.py"), "--by-op", "--out", str(out), *smoke]
 
 

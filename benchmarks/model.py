@@ -59,7 +59,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from report import model_table  # noqa: E402
+from report import render  # noqa: E402
 from runinfo import run_meta  # noqa: E402
 
 WORKLOADS = {
@@ -87,6 +87,7 @@ DEFAULT_CONTENDERS = {
     "infer-mlm": ["ours", "bert-compiled-v30522", "bert-compiled-v30528"],
     "long": ["ours", "modernbert-compiled"],
 }
+TARGETS = {"pretrain": 1.25, "finetune": 1.6, "infer-base": 1.8, "infer-mlm": 1.8}  # ours / fastest peer, to reach
 POOL = 3  # distinct batches cycled through warm-up and timing
 TOKEN_IDS = (1000, 30522)  # random ids valid in every vocabulary here, no special tokens
 
@@ -127,6 +128,7 @@ def workload_spec(name, smoke):
     (lo, hi), what = spec["lengths"], DESCRIPTIONS[name]
     shape = f"{spec['batch']} x {lo}" + (f"-{hi}" if hi != lo else "")
     spec["desc"] = f"{what}, {shape}" + (" packed" if name == "pretrain" else "")
+    spec["target"] = TARGETS.get(name)
     return spec
 
 
@@ -377,23 +379,29 @@ class Runner:
         return sum("synchroniz" in str(w.message) for w in caught) / steps
 
     def profile(self, steps):
-        """(GPU busy ms per step, runtime synchronize calls per step) from a torch.profiler trace."""
+        """From a torch.profiler trace: GPU busy ms per step, runtime synchronize calls per step, and kernel ms per
+        step by category (benchmarks/categories.py)."""
+        import collections
+
         import torch
+        from categories import categorize
         from torch.profiler import ProfilerActivity, profile
 
         if self.device != "cuda":
-            return None, None
+            return None, None, None
         self.sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             self.loop(steps)
             torch.cuda.synchronize()
         intervals, sync_calls = [], -1  # the synchronize that ends the trace is ours
+        by_category = collections.Counter()
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 intervals.append((e.time_range.start, e.time_range.end))
+                by_category[categorize(e.name)] += (e.time_range.end - e.time_range.start) / 1e3 / steps
             elif e.name in ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy"):
                 sync_calls += 1
-        return union_length(intervals) / 1e3 / steps, max(sync_calls, 0) / steps
+        return union_length(intervals) / 1e3 / steps, max(sync_calls, 0) / steps, dict(by_category)
 
     def summarise(self, peak_flops):
         rates = [self.rate(i) for i in range(len(self.times))]
@@ -460,8 +468,8 @@ def run_workload(name, spec, contenders, tokenizer, args, device, peak_flops, de
                 continue
             runner.warm_up()
             runner.row["syncs_per_step"] = runner.count_syncs(args.profile_steps)
-            busy, sync_calls = runner.profile(args.profile_steps)
-            runner.row.update(busy_ms_per_step=busy, sync_calls_per_step=sync_calls)
+            busy, sync_calls, by_category = runner.profile(args.profile_steps)
+            runner.row.update(busy_ms_per_step=busy, sync_calls_per_step=sync_calls, kernel_ms=by_category)
             runners.append(runner)
             rows.append(runner.row)
             log(f"    {contender['name']}: warm-up {runner.row['warmup_s']} s, inputs {runner.row['inputs']}")
@@ -562,7 +570,7 @@ def main(argv=None):
         problem = f"{type(exc).__name__}: {exc}"
     log(f"# wrote {json_path}" + (f"; no chart: {problem}" if problem else f" and {png_path}"))
     log(f"# total {meta['total_s']:.0f} s\n")
-    log(model_table(results))
+    log(render(results))
 
 
 if __name__ == "__main__":

@@ -24,29 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
+from categories import categorize  # noqa: E402
+
 from configuration_mosaic_bert import MosaicBertConfig  # noqa: E402
 from modeling_mosaic_bert import MosaicBertForMaskedLM  # noqa: E402
-
-CATEGORIES = [  # first match wins, on the lower-cased kernel name
-    ("geglu kernel", ("_geglu_",)),
-    ("cross-entropy kernel", ("_ce_",)),
-    ("layernorm", ("layer_norm", "layernorm", "_ln_")),
-    ("attention kernel", ("flash_attn", "_attn_fwd", "_attn_bwd", "_bwd_preprocess", "_fwd_kernel", "_bwd_",
-                          "scaled_dot_product", "flash_attention")),
-    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "wgmma", "addmm", "aten::mm", "bmm")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("softmax / loss", ("softmax", "nll", "cross_entropy", "log_softmax")),
-    ("elementwise / dropout / copies", ("elementwise", "vectorized", "unrolled", "dropout", "copy", "fill", "cat",
-                                        "index", "scatter", "gather", "reduce", "gelu", "mul", "add")),
-]
-
-
-def categorize(name: str) -> str:
-    lowered = name.lower()
-    for category, keys in CATEGORIES:
-        if any(key in lowered for key in keys):
-            return category
-    return "other"
 
 
 def pretraining_step(config, device: str, batch: int, seqlen: int):

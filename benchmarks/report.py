@@ -62,6 +62,35 @@ def model_table(results):
     return "\n".join(lines)
 
 
+def gap_table(results):
+    """Per workload with a target: where each step's milliseconds go, ours against the fastest peer, by kernel category
+    and device idle time (step time the GPU ran nothing: the host was late), and how far ours is from the target."""
+    out = []
+    for result in results["results"]:
+        comparison = result.get("comparison")
+        target = results["workloads"].get(result["workload"], {}).get("target")
+        rows = {row["contender"]: row for row in result.get("rows", [])}
+        if not comparison or not target or rows["ours"].get("kernel_ms") is None:
+            continue
+        ours, peer = rows["ours"], rows[comparison["peer"]]
+        goal_ms = peer["step_ms"] / target
+        desc = results["workloads"][result["workload"]]["desc"]
+        out += [f"{desc}: ours {ours['step_ms']:.1f} ms/step, {comparison['peer']} {peer['step_ms']:.1f}; "
+                f"{target}x needs {goal_ms:.1f} ms, so {max(ours['step_ms'] - goal_ms, 0):.1f} ms to remove.", "",
+                "| ms/step | ours | peer | ours - peer |", "|---|---:|---:|---:|"]
+        names = sorted(set(ours["kernel_ms"]) | set(peer["kernel_ms"]),
+                       key=lambda n: -max(ours["kernel_ms"].get(n, 0), peer["kernel_ms"].get(n, 0)))
+        for name in names:
+            a, b = ours["kernel_ms"].get(name, 0.0), peer["kernel_ms"].get(name, 0.0)
+            out.append(f"| {name} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
+        idle = [max(r["step_ms"] - r["busy_ms_per_step"], 0.0) for r in (ours, peer)]
+        out.append(f"| device idle (waiting on the host) | {idle[0]:.2f} | {idle[1]:.2f} | {idle[0] - idle[1]:+.2f} |")
+        out.append(f"| **step** | {ours['step_ms']:.2f} | {peer['step_ms']:.2f} | "
+                   f"{ours['step_ms'] - peer['step_ms']:+.2f} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def recipe_table(results):
     meta = results["meta"]
     lines = [f"Recipe benchmark: {header(meta)}; {results['setup']['desc']}.", "",
@@ -90,12 +119,29 @@ def profile_table(results):
     return "\n".join(lines)
 
 
+def finetune_trainer_table(results):
+    lines = [f"Trainer fine-tuning: {header(results['meta'])}; {results['setup']['desc']}.", "",
+             "| contender | steady real tokens/s | samples/s | ms/step | graphs compiled | distinct lengths | "
+             "warm-up + run (s) | vs eager ours |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in results["contenders"].items():
+        ratio = results.get("ratios", {}).get(f"{name} / ours")
+        lines.append(f"| {name} ({row['note']}) | {_num(row['tokens_per_s'])} | {_num(row['samples_per_s'])} | "
+                     f"{row['step_ms']:.1f} | {row['graphs']} | {row['distinct_lengths']} | {row['wall_s']:.0f} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
 def render(results):
+    if "contenders" in results:
+        return finetune_trainer_table(results)
     if "runs" in results:
         return recipe_table(results)
     if "categories" in results:
         return profile_table(results)
-    return model_table(results)
+    gaps = gap_table(results)
+    if not gaps:
+        return model_table(results)
+    return model_table(results) + "\n\nWhere the step time goes (torch.profiler, same run):\n\n" + gaps
 
 
 if __name__ == "__main__":

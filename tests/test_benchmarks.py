@@ -66,6 +66,22 @@ def test_model_benchmark_feeds_every_model_an_attention_mask(tmp_path):
     assert "| workload | model |" in table and "ours / fastest peer" in table
 
 
+def test_gap_table_splits_each_step_into_kernel_categories_and_device_idle_time():
+    import report
+
+    def row(name, step_ms, busy, kernels):
+        return {"contender": name, "mask": True, "step_ms": step_ms, "busy_ms_per_step": busy, "kernel_ms": kernels}
+
+    results = {"workloads": {"pretrain": {"desc": "MLM training step", "target": 1.25}}, "results": [{
+        "workload": "pretrain", "comparison": {"peer": "bert"},
+        "rows": [row("ours", 60.0, 54.0, {"matmul": 40.0, "attention kernel": 14.0}),
+                 row("bert", 62.5, 62.0, {"matmul": 45.0, "attention kernel": 17.0})]}]}
+    table = report.gap_table(results)
+    assert "1.25x needs 50.0 ms, so 10.0 ms to remove" in table
+    assert "| matmul | 40.00 | 45.00 | -5.00 |" in table
+    assert "| device idle (waiting on the host) | 6.00 | 0.50 | +5.50 |" in table
+
+
 def test_recipe_benchmark_times_recipe_bare_step_and_plain_trainer(tmp_path):
     run_script(["benchmarks/recipe.py", "--smoke", "--steps", "4", "--timed", "2", "--out", str(tmp_path),
                 "--work-dir", str(tmp_path / "work")], tmp_path)
@@ -76,6 +92,18 @@ def test_recipe_benchmark_times_recipe_bare_step_and_plain_trainer(tmp_path):
         assert "attention_mask" in run["batch_keys"], run
     assert results["runs"]["recipe"]["steps_run"] == 4
     assert set(results["ratios"]) == {"recipe / bare step", "recipe / plain Trainer"}
+
+
+def test_trainer_finetune_benchmark_feeds_variable_lengths_to_every_contender(tmp_path):
+    stdout = run_script(["benchmarks/finetune_trainer.py", "--smoke", "--out", str(tmp_path)], tmp_path)
+    results = json.loads((tmp_path / "finetune_trainer.json").read_text())
+    assert set(results["contenders"]) == {"ours", "ours-compiled", "bert-compiled"}
+    for row in results["contenders"].values():
+        assert row["tokens_per_s"] > 0 and row["steps_run"] == 6, row
+        assert row["distinct_lengths"] > 1, row  # padded to the longest: new lengths from batch to batch
+        assert row["real_tokens_per_step"] < 4 * 48, row  # real tokens only, never the padding
+    assert set(results["ratios"]) == {"ours-compiled / ours", "bert-compiled / ours"}
+    assert "| contender |" in stdout
 
 
 def test_profile_step_smoke_writes_its_categories(tmp_path):
