@@ -134,12 +134,18 @@ def main() -> None:
     profiler.disable()
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(35)
-    result = {"workload": args.workload, "wall_ms_per_step": wall_ms,
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from runinfo import run_meta
+
+    meta = run_meta("cpu" if args.smoke else "cuda")
+    meta["argv"] = sys.argv[1:]
+    result = {"meta": meta, "workload": args.workload, "wall_ms_per_step": wall_ms,
               "host_ms_per_step": {name: median_ms(v) for name, v in phases.items()},
               "entry_check_ms": median_ms(entry_waits), "entry_checks_per_step": len(entry_waits) / args.steps,
-              "device": torch.cuda.get_device_name() if not args.smoke else "cpu"}
+              "device": torch.cuda.get_device_name() if not args.smoke else "cpu",
+              "cprofile_top": stream.getvalue().strip().splitlines()}
     print(stream.getvalue())
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "cprofile_top"}, indent=1))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"host_time_{args.workload}.json").write_text(json.dumps(result, indent=1))
 
