@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 from report import render  # noqa: E402
 
 PARTS = ("tests", "model", "recipe", "finetune", "profile")
-BUDGETS = {"tests": 180, "model": 330, "recipe": 240, "finetune": 200, "profile": 60}
+BUDGETS = {"tests": 300, "model": 330, "recipe": 240, "finetune": 420, "profile": 60}
 RESULTS = {"model": ("model_bench.json", "model_bench.png"), "recipe": ("recipe_bench.json", "recipe_bench.png"),
            "finetune": ("finetune_trainer.json",), "profile": ("profile_step.json",)}
 
