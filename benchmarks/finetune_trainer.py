@@ -135,7 +135,7 @@ def run_contender(name, args, tokenizer, work):
     training_args = TrainingArguments(
         output_dir=str(work / name), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=2e-5, bf16=cuda, torch_compile=compiled, optim="adamw_torch_fused" if cuda else "adamw_torch",
-        dataloader_drop_last=True, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=50,
+        dataloader_drop_last=True, save_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=not cuda, seed=0, logging_nan_inf_filter=not nosync)
     graphs_before = _graph_count()
     t0 = time.perf_counter()
@@ -188,10 +188,12 @@ def main(argv=None):
     tokenizer = load_tokenizer()
     for name in args.contenders:
         log(f"[{name}] training")
+        results["contenders"][name] = {"label": name, "note": "started, not finished (stopped by a time limit?)"}
+        json_path.write_text(json.dumps(results, indent=1))
         results["contenders"][name] = run_contender(name, args, tokenizer, work)
         row = results["contenders"][name]
         log(f"[{name}] {row['tokens_per_s']:,.0f} real tokens/s, {row['graphs']} graphs, wall {row['wall_s']} s")
-        rates = {key: value["tokens_per_s"] for key, value in results["contenders"].items()}
+        rates = {key: value["tokens_per_s"] for key, value in results["contenders"].items() if "tokens_per_s" in value}
         if "ours" in rates:
             results["ratios"] = {f"{key} / ours": rate / rates["ours"] for key, rate in rates.items() if key != "ours"}
         json_path.write_text(json.dumps(results, indent=1))

@@ -63,32 +63,48 @@ def model_table(results):
 
 
 def gap_table(results):
-    """Per workload with a target: where each step's milliseconds go, ours against the fastest peer, by kernel category
-    and device idle time (step time the GPU ran nothing: the host was late), and how far ours is from the target."""
-    out = []
+    """Where each step's milliseconds go, for every workload with a target: ours against the fastest peer, kernel time
+    by category, the sum (GPU work), device idle time (step time during which the GPU ran nothing: the host was late)
+    and the step time the target ratio needs. One column per contender and workload."""
+    columns = []  # (workload key, target, ours row, peer row, peer name)
     for result in results["results"]:
         comparison = result.get("comparison")
         target = results["workloads"].get(result["workload"], {}).get("target")
         rows = {row["contender"]: row for row in result.get("rows", [])}
-        if not comparison or not target or rows["ours"].get("kernel_ms") is None:
+        if not comparison or not target:
             continue
-        ours, peer = rows["ours"], rows[comparison["peer"]]
-        goal_ms = peer["step_ms"] / target
-        desc = results["workloads"][result["workload"]]["desc"]
-        out += [f"{desc}: ours {ours['step_ms']:.1f} ms/step, {comparison['peer']} {peer['step_ms']:.1f}; "
-                f"{target}x needs {goal_ms:.1f} ms, so {max(ours['step_ms'] - goal_ms, 0):.1f} ms to remove.", "",
-                "| ms/step | ours | peer | ours - peer |", "|---|---:|---:|---:|"]
-        names = sorted(set(ours["kernel_ms"]) | set(peer["kernel_ms"]),
-                       key=lambda n: -max(ours["kernel_ms"].get(n, 0), peer["kernel_ms"].get(n, 0)))
-        for name in names:
-            a, b = ours["kernel_ms"].get(name, 0.0), peer["kernel_ms"].get(name, 0.0)
-            out.append(f"| {name} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
-        idle = [max(r["step_ms"] - r["busy_ms_per_step"], 0.0) for r in (ours, peer)]
-        out.append(f"| device idle (waiting on the host) | {idle[0]:.2f} | {idle[1]:.2f} | {idle[0] - idle[1]:+.2f} |")
-        out.append(f"| **step** | {ours['step_ms']:.2f} | {peer['step_ms']:.2f} | "
-                   f"{ours['step_ms'] - peer['step_ms']:+.2f} |")
-        out.append("")
-    return "\n".join(out).rstrip()
+        ours, peer = rows.get("ours"), rows.get(comparison["peer"])
+        if not ours or not peer or ours.get("kernel_ms") is None or peer.get("kernel_ms") is None:
+            continue
+        columns.append((result["workload"], target, ours, peer, comparison["peer"]))
+    if not columns:
+        return ""
+    categories = sorted({name for _, _, ours, peer, _ in columns for name in (*ours["kernel_ms"], *peer["kernel_ms"])},
+                        key=lambda n: -sum(r["kernel_ms"].get(n, 0.0) for c in columns for r in c[2:4]))
+    head = "| ms/step | " + " | ".join(f"{w} ours | {peer_name}" for w, _, _, _, peer_name in columns) + " |"
+    lines = [head, "|---|" + "---:|" * (2 * len(columns))]
+
+    def line(label, values, bold=False):
+        cells = [f"**{v:.1f}**" if bold else f"{v:.1f}" for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for name in categories:
+        line(name, [r["kernel_ms"].get(name, 0.0) for c in columns for r in c[2:4]])
+    line("**GPU work** (kernel sum)", [sum(r["kernel_ms"].values()) for c in columns for r in c[2:4]], bold=True)
+    line("device idle (waiting on the host)", [max(r["step_ms"] - r["busy_ms_per_step"], 0.0)
+                                               for c in columns for r in c[2:4]])
+    line("**step**", [r["step_ms"] for c in columns for r in c[2:4]], bold=True)
+    needs = [cell for _, target, _, peer, _ in columns for cell in (f"{target}x: {peer['step_ms'] / target:.1f}", "")]
+    lines.append("| step the target needs | " + " | ".join(needs) + " |")
+    return "\n".join(lines)
+
+
+def host_time_table(result):
+    meta = result.get("meta", {})
+    host = result["host_ms_per_step"]
+    return (f"Host time, {result['workload']}: {header(meta)}; step {result['wall_ms_per_step']:.1f} ms, launching "
+            f"forward {host['forward']:.1f} + backward {host['backward']:.1f} + optimizer {host['optimizer']:.1f} = "
+            f"{sum(host.values()):.1f} ms.")
 
 
 def recipe_table(results):
@@ -124,6 +140,9 @@ def finetune_trainer_table(results):
              "| contender | steady real tokens/s | samples/s | ms/step | graphs compiled | distinct lengths | "
              "warm-up + run (s) | vs eager ours |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in results["contenders"].items():
+        if "tokens_per_s" not in row:
+            lines.append(f"| {name} | {row.get('note', '-')} | | | | | | |")
+            continue
         ratio = results.get("ratios", {}).get(f"{name} / ours")
         lines.append(f"| {name} ({row['note']}) | {_num(row['tokens_per_s'])} | {_num(row['samples_per_s'])} | "
                      f"{row['step_ms']:.1f} | {row['graphs']} | {row['distinct_lengths']} | {row['wall_s']:.0f} | "
@@ -132,6 +151,8 @@ def finetune_trainer_table(results):
 
 
 def render(results):
+    if "host_ms_per_step" in results:
+        return host_time_table(results)
     if "contenders" in results:
         return finetune_trainer_table(results)
     if "runs" in results:

@@ -1,4 +1,5 @@
-"""The docs run: every python code block and every shell command in README.md and recipes/README.md, as written.
+"""The docs run: every python code block and every shell command in README.md, recipes/README.md and
+benchmarks/README.md, as written.
 
 * The python blocks of one file run in order as one script (a later block may use an earlier block's names), in a
   fresh process, as if pasted into ``python`` started in the repository root.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ("README.md", "recipes/README.md")
+DOCS = ("README.md", "recipes/README.md", "benchmarks/README.md")
 PYTHON_LANGS = {"python", "py", "python3"}
 SHELL_LANGS = {"bash", "sh", "shell"}
 SKIP_MARKER = re.compile(r"^#\s*(gpu\b.*|requires:.*)$", re.IGNORECASE)
