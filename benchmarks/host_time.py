@@ -26,6 +26,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+from runinfo import run_meta  # noqa: E402
 
 import modeling_mosaic_bert  # noqa: E402
 from configuration_mosaic_bert import MosaicBertConfig  # noqa: E402
@@ -134,9 +137,6 @@ def main() -> None:
     profiler.disable()
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(35)
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from runinfo import run_meta
-
     meta = run_meta("cpu" if args.smoke else "cuda")
     meta["argv"] = sys.argv[1:]
     result = {"meta": meta, "workload": args.workload, "wall_ms_per_step": wall_ms,

@@ -43,6 +43,7 @@ Writes $OUT/model_bench.json (rewritten after every workload) and $OUT/model_ben
 """
 
 import argparse
+import collections
 import gc
 import inspect
 import json
@@ -381,8 +382,6 @@ class Runner:
     def profile(self, steps):
         """From a torch.profiler trace: GPU busy ms per step, runtime synchronize calls per step, and kernel ms per
         step by category (benchmarks/categories.py)."""
-        import collections
-
         import torch
         from categories import categorize
         from torch.profiler import ProfilerActivity, profile
