@@ -44,6 +44,11 @@ class MosaicBertConfig(PretrainedConfig):
             unset.
         alibi_starting_size (`int`, defaults to 512): the sequence length MosaicBERT was pretrained at. Kept for
             compatibility with original checkpoints; ALiBi is computed for any length, so nothing depends on it.
+        cuda_graphs (`bool`, defaults to `False`): in masked-LM training on packed batches (every position a real
+            token, one shape from batch to batch) on CUDA, capture the encoder layers' forward and backward as two
+            CUDA graphs and replay them, which removes the host's launch time of about 1,000 kernels a step. The
+            layers run eagerly wherever that does not hold (padding, evaluation, hooks such as FSDP's, gradient
+            checkpointing); the graphs keep one batch's activations in their own memory pool.
 
     Attention and kernels follow transformers' own switch, `attn_implementation` (pass it to `from_pretrained`, to
     this config, or change it with `model.set_attn_implementation`); it chooses for all four fused Triton kernels
@@ -76,6 +81,7 @@ class MosaicBertConfig(PretrainedConfig):
         pad_token_id=0,
         classifier_dropout=None,
         alibi_starting_size=512,
+        cuda_graphs=False,
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -100,6 +106,7 @@ class MosaicBertConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.classifier_dropout = classifier_dropout
         self.alibi_starting_size = alibi_starting_size
+        self.cuda_graphs = cuda_graphs
         super().__init__(
             pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, auto_map=dict(AUTO_MAP), **kwargs
         )

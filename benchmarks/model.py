@@ -21,7 +21,8 @@ Workloads (--smoke shrinks them):
     infer-mlm   the MLM head's logits on every token, same batches.
     long        the base encoder on 8 x 8192 tokens (BERT: n/a, 512 positions).
 
-Contenders: `ours` (MosaicBERT-base from the repo's config.json, eager), `bert-compiled-v30522` /
+Contenders: `ours` (MosaicBERT-base from the repo's config.json, eager; its `cuda_graphs` replays the layers of packed
+MLM training as CUDA graphs, `ours-nographs` runs them eagerly too), `bert-compiled-v30522` /
 `bert-compiled-v30528` (transformers Bert* with SDPA, the whole model under torch.compile, the vocabulary as named;
 `bert-compiled` is 30,522), `modernbert-compiled` (ModernBERT-base defaults, SDPA, compiled). Extras: drop
 `-compiled` for eager, add `-nomask`, `ours-compiled` (each encoder layer compiled).
@@ -82,7 +83,7 @@ SMOKE = {
 }
 SMOKE_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 DEFAULT_CONTENDERS = {
-    "pretrain": ["ours", "bert-compiled-v30522", "bert-compiled-v30528"],
+    "pretrain": ["ours", "ours-nographs", "bert-compiled-v30522", "bert-compiled-v30528"],
     "finetune": ["ours", "bert-compiled"],
     "infer-base": ["ours", "bert-compiled"],
     "infer-mlm": ["ours", "bert-compiled-v30522", "bert-compiled-v30528"],
@@ -197,16 +198,19 @@ def parse_contender(name):
     family, flags = parts[0], parts[1:]
     if family not in ("ours", "bert", "modernbert"):
         raise ValueError(f"unknown contender {name!r}: it starts with ours, bert or modernbert")
-    spec = dict(name=name, family=family, compiled=False, vocab=None, mask=True)
+    spec = dict(name=name, family=family, compiled=False, vocab=None, mask=True, graphs=True)
     for flag in flags:
         if flag == "compiled":
             spec["compiled"] = True
+        elif flag == "nographs" and family == "ours":
+            spec["graphs"] = False
         elif flag == "nomask":
             spec["mask"] = False
         elif flag.startswith("v") and flag[1:].isdigit():
             spec["vocab"] = int(flag[1:])
         else:
-            raise ValueError(f"unknown flag {flag!r} in contender {name!r} (compiled, nomask, v<vocab>)")
+            raise ValueError(
+                f"unknown flag {flag!r} in contender {name!r} (compiled, nomask, v<vocab>; ours: nographs)")
     return spec
 
 
@@ -220,6 +224,7 @@ def build_model(contender, head, smoke, device):
         from modeling_mosaic_bert import MosaicBertForMaskedLM, MosaicBertForSequenceClassification, MosaicBertModel
 
         config = MosaicBertConfig.from_json_file(str(REPO / "config.json"))
+        config.cuda_graphs = config.cuda_graphs and contender["graphs"]
         classes = {"mlm": MosaicBertForMaskedLM, "cls": MosaicBertForSequenceClassification, "base": MosaicBertModel}
     elif family == "bert":
         from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel

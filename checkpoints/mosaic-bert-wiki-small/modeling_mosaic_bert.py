@@ -23,8 +23,10 @@ labels together with the sequence lengths that unpadding needs (`read_batch`). T
 - torch.jit.trace is refused: a trace would freeze one batch's unpadding.
 """
 
+import contextlib
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 try:  # loaded as Hub remote code, inside a package
@@ -75,6 +78,8 @@ except ImportError:
         dropout_add_layer_norm = layer_norm_unsupported_reason = cross_entropy = None
         cross_entropy_unsupported_reason = None
 
+
+logger = logging.get_logger(__name__)
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -527,11 +532,157 @@ class MosaicBertLayer(GradientCheckpointingLayer):
         return self.mlp(hidden_states), probabilities
 
 
+def autocast_without_cache(device_type: str):
+    """The autocast state in force, with its weight-cast cache off (a cast cached before a CUDA graph capture would
+    be read, stale, by every replay); a null context outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
+class LayerGraphs:
+    """The encoder layers' forward and backward over one packed batch, captured as two CUDA graphs and replayed by
+    `ReplayedLayers` (`config.cuda_graphs`).
+
+    Packed pretraining repeats one batch shape with every position a real token, so the layers' ~1,000 launches a
+    step (their host time about equals the GPU's work at base size) can become two graph launches. Captured on a side
+    stream after one warm-up pass there, under the caller's autocast with its cache off; dropout stays random on
+    replay (the Philox seeds are drawn on the device inside the graph). The graphs keep the batch's activations and
+    gradients in their own memory pool, and read the parameters in place: `key` names everything a capture assumes.
+
+    static_input: (tokens, hidden) the layers' input; static_output: (tokens, hidden); static_grads: the gradients
+    of the input and of each parameter in `params` (those that require grad), or None where unused.
+    """
+
+    def __init__(self, key: tuple, run_layers, hidden_states: torch.Tensor, layout: TokenLayout, params: list):
+        self.key, self.layout, self.params = key, layout, params  # the layout's tensors are read by the graphs
+        self.generation, self.awaiting_backward = 0, None
+        device = hidden_states.device
+        self.static_input = hidden_states.detach().clone().requires_grad_(True)
+        inputs = [self.static_input, *params]
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), autocast_without_cache(device.type):  # cuBLAS workspaces of the stream
+            warm = run_layers(self.static_input, layout)
+            torch.autograd.grad(warm, inputs, torch.zeros_like(warm), allow_unused=True)
+            del warm
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with autocast_without_cache(device.type):
+            with torch.cuda.graph(self.forward_graph, stream=stream, capture_error_mode="thread_local"):
+                self.static_output = run_layers(self.static_input, layout)
+            self.static_grad_output = torch.empty_like(self.static_output)
+            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), stream=stream,
+                                  capture_error_mode="thread_local"):
+                self.static_grads = torch.autograd.grad(self.static_output, inputs, self.static_grad_output,
+                                                        allow_unused=True)
+
+    def busy(self) -> bool:
+        """Whether a replay's backward is still due: its activations live in the graphs' buffers, so another batch
+        must run eagerly until that backward runs (or its result is dropped)."""
+        return self.awaiting_backward is not None and self.awaiting_backward() is not None
+
+
+class ReplayedLayers(torch.autograd.Function):
+    """The encoder layers as replays of `LayerGraphs`: (tokens, hidden) -> (tokens, hidden). Forward copies the input
+    into the captured one and replays the forward graph; backward replays the backward graph and returns copies of its
+    gradients, so autograd accumulates them as usual (gradient accumulation, DDP's hooks)."""
+
+    @staticmethod
+    def forward(ctx, graphs: LayerGraphs, hidden_states: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        graphs.static_input.copy_(hidden_states)
+        graphs.forward_graph.replay()
+        graphs.generation += 1
+        ctx.graphs, ctx.generation = graphs, graphs.generation
+        graphs.awaiting_backward = weakref.ref(ctx)
+        return graphs.static_output.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        graphs = ctx.graphs
+        if ctx.generation != graphs.generation:
+            raise RuntimeError(
+                "this backward goes through CUDA-graphed MosaicBERT layers that have run another batch since its "
+                "forward (a second backward with retain_graph=True after a new step); set config.cuda_graphs=False "
+                "to backpropagate through older forwards"
+            )
+        graphs.static_grad_output.copy_(grad_output)
+        graphs.backward_graph.replay()
+        graphs.awaiting_backward = None
+        return None, *(None if grad is None else grad.clone() for grad in graphs.static_grads)
+
+
+@dataclass
+class GraphState:
+    """What an encoder knows about its CUDA graphs: the key last seen (a capture waits for a second batch with the
+    same key, so parameters that move from batch to batch are never captured), the graphs, or why capturing failed."""
+
+    candidate: tuple | None = None
+    graphs: LayerGraphs | None = None
+    failed: str | None = None
+
+
+# Each encoder's GraphState, kept beside the module rather than on it, so that deepcopy, pickling and state dicts of
+# a model never meet a CUDA graph.
+_GRAPH_STATES: "weakref.WeakKeyDictionary[nn.Module, GraphState]" = weakref.WeakKeyDictionary()
+
+
+def graphs_unsupported_reason(encoder: "MosaicBertEncoder", hidden_states: torch.Tensor) -> str | None:
+    """Why the layers of this call cannot run as CUDA graph replays, or None."""
+    if not (encoder.training and torch.is_grad_enabled() and hidden_states.requires_grad):
+        return "not training"
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer):
+        return "gradient checkpointing recomputes the layers"
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in encoder.modules()
+    ):
+        return "hooks on the layers (FSDP, offloading, capture) must run in Python"
+    if not hidden_states.is_cuda:
+        return "not on CUDA"
+    if torch.cuda.is_current_stream_capturing():
+        return "the caller is capturing a CUDA graph"
+    return None
+
+
+def layer_graphs(encoder: "MosaicBertEncoder", hidden_states: torch.Tensor, layout: TokenLayout) -> LayerGraphs | None:
+    """The encoder's graphs for this packed batch, captured on the second consecutive call with the same key; None
+    while the layers must run eagerly (first sight of a key, `graphs_unsupported_reason`, or a failed capture, which
+    warns once)."""
+    if graphs_unsupported_reason(encoder, hidden_states) is not None:
+        return None
+    state = _GRAPH_STATES.setdefault(encoder, GraphState())
+    if state.failed is not None:
+        return None
+    params = list(encoder.parameters())
+    device_type = hidden_states.device.type
+    key = (
+        tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, layout.seqlen,
+        torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+        attn_implementation_of(encoder.config),
+        tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in params),
+    )
+    if state.graphs is not None and state.graphs.key == key:
+        return state.graphs
+    if state.candidate != key:
+        state.candidate, state.graphs = key, None  # frees graphs of another key
+        return None
+    try:
+        state.graphs = LayerGraphs(key, lambda states, rows: encoder.run_layers(states, rows)[0], hidden_states,
+                                   layout, [p for p in params if p.requires_grad])
+    except RuntimeError as exc:
+        state.failed, state.graphs = f"{type(exc).__name__}: {exc}", None
+        logger.warning(f"MosaicBERT: capturing the layers as CUDA graphs failed, running them eagerly: {state.failed}")
+        return None
+    return state.graphs
+
+
 class MosaicBertEncoder(nn.Module):
     """The stack of layers over one batch."""
 
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.layer = nn.ModuleList([MosaicBertLayer(config) for _ in range(config.num_hidden_layers)])
 
@@ -541,9 +692,26 @@ class MosaicBertEncoder(nn.Module):
         layout: TokenLayout,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        graphable: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """(tokens, hidden) -> (tokens, hidden); with the flags, also the padded input and every layer's padded
         output (each (batch, seqlen, hidden)) and every layer's (batch, heads, seqlen, seqlen) probabilities.
+        graphable: a packed batch (every position a real token, no per-layer outputs) that, with
+        `config.cuda_graphs`, may run as replays of `LayerGraphs`."""
+        if graphable and self.config.cuda_graphs:
+            graphs = layer_graphs(self, hidden_states, layout)
+            if graphs is not None and not graphs.busy():
+                return ReplayedLayers.apply(graphs, hidden_states, *graphs.params), None, None
+        return self.run_layers(hidden_states, layout, output_attentions, output_hidden_states)
+
+    def run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        layout: TokenLayout,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        """The layers, eagerly (`forward` gives the shapes).
 
         The returned tensors are on the path of the computation: a layer's input is unpadded from the padded tensor
         returned for the previous one, so gradients reach them (retain_grad, torch.autograd.grad)."""
@@ -1044,7 +1212,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             rows if input_ids is None else None,
         )
         hidden_states, all_hidden_states, all_probabilities = self.encoder(
-            hidden_states, layout, output_attentions, output_hidden_states
+            hidden_states, layout, output_attentions, output_hidden_states, graphable=guess is not None
         )
         return Encoding(
             hidden_states=hidden_states,

@@ -1,0 +1,233 @@
+"""`config.cuda_graphs`: masked-LM training on packed batches replays the encoder layers as two CUDA graphs. A replayed
+step must give what the eager step gives (loss and every gradient), dropout must stay random from replay to replay,
+and every situation the graphs cannot hold (padding, a second forward before the backward, a backward through an
+older forward, hooks, checkpointing) must run eagerly or raise, never return stale numbers.
+
+The capture itself needs CUDA (`gpu` marker); the choice of route is checked on the CPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import modeling_mosaic_bert
+from configuration_mosaic_bert import MosaicBertConfig
+from conftest import HAS_CUDA, rel_err
+from modeling_mosaic_bert import MosaicBertForMaskedLM, graphs_unsupported_reason
+
+VOCAB = 512
+
+
+def make_model(device, **overrides):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                  hidden_dropout_prob=0.0, cuda_graphs=True)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return MosaicBertForMaskedLM(MosaicBertConfig(**kwargs)).to(device).train()
+
+
+def packed_batch(seed, device, batch=8, seqlen=128, padded_row=None):
+    """input_ids, attention_mask (all ones unless padded_row), token_type_ids and labels on ~30% of the real tokens,
+    as DataCollatorForLanguageModeling gives them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, seqlen), generator=g)
+    mask = torch.ones_like(ids)
+    if padded_row is not None:
+        mask[padded_row, seqlen // 3:] = 0
+    labels = torch.where((torch.rand(batch, seqlen, generator=g) < 0.3) & (mask == 1), ids, -100)
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def graph_state(model):
+    return modeling_mosaic_bert._GRAPH_STATES.get(model.bert.encoder)
+
+
+def loss_and_grads(model, batch):
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same_step(graphed, eager, batch):
+    loss, grads = loss_and_grads(graphed, batch)
+    ref_loss, ref_grads = loss_and_grads(eager, batch)
+    assert rel_err(loss, ref_loss) < 1e-3, (loss.item(), ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 2e-2, name
+
+
+def test_cuda_graphs_is_off_by_default_and_saved_with_the_config(tmp_path):
+    assert MosaicBertConfig().cuda_graphs is False
+    MosaicBertConfig(cuda_graphs=True).save_pretrained(tmp_path)
+    assert MosaicBertConfig.from_pretrained(tmp_path).cuda_graphs is True
+
+
+def test_the_graphs_are_refused_outside_plain_training():
+    model = make_model("cpu")
+    states = torch.zeros(4, 128, requires_grad=True)
+    assert graphs_unsupported_reason(model.bert.encoder, states) == "not on CUDA"
+    with torch.no_grad():
+        assert graphs_unsupported_reason(model.bert.encoder, states) == "not training"
+    model.eval()
+    assert graphs_unsupported_reason(model.bert.encoder, states) == "not training"
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert "checkpointing" in graphs_unsupported_reason(model.bert.encoder, states)
+    model.gradient_checkpointing_disable()
+    handle = model.bert.encoder.layer[1].mlp.register_forward_pre_hook(lambda module, args: None)
+    assert "hooks" in graphs_unsupported_reason(model.bert.encoder, states)
+    handle.remove()
+    assert graphs_unsupported_reason(model.bert.encoder, states) == "not on CUDA"
+
+
+def test_on_the_cpu_packed_training_with_cuda_graphs_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(modeling_mosaic_bert, "GUESS_DEVICES", ("cuda", "cpu"))
+    model, reference = make_model("cpu"), make_model("cpu", cuda_graphs=False)
+    for seed in range(3):
+        batch = packed_batch(seed, "cpu", batch=2, seqlen=16)
+        assert_same_step(model, reference, batch)
+    assert graph_state(model) is None  # never considered: refused before any key is kept
+
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@gpu
+@needs_cuda
+def test_replayed_training_steps_match_eager_steps_loss_and_every_gradient():
+    graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
+    for seed in range(6):
+        assert_same_step(graphed, eager, packed_batch(seed, "cuda"))
+    state = graph_state(graphed)
+    assert state is not None and state.failed is None, state and state.failed
+    # batch 1 is checked, 2 the first guess (its key noted), 3 captures and replays, 4-6 replay
+    assert state.graphs.generation == 4
+
+
+@gpu
+@needs_cuda
+def test_replays_follow_parameter_updates_and_gradient_accumulation():
+    graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (graphed, eager)]
+    for step in range(5):
+        losses = []
+        for model, optimizer in zip((graphed, eager), optimizers):
+            total = 0.0
+            for micro in range(2):  # two micro-batches accumulate into .grad
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(**packed_batch(10 * step + micro, "cuda")).loss
+                loss.backward()
+                total += loss.detach()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+        assert rel_err(losses[0], losses[1]) < 1e-2, (step, losses)
+    for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+        assert rel_err(p, q) < 1e-2, name
+    assert graph_state(graphed).graphs.generation >= 6
+
+
+@gpu
+@needs_cuda
+def test_a_second_forward_before_the_backward_runs_eagerly_and_both_gradients_are_right():
+    graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
+    for seed in range(3):
+        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    generation = graph_state(graphed).graphs.generation
+    first, second = packed_batch(7, "cuda"), packed_batch(8, "cuda")
+    results = []
+    for model in (graphed, eager):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**first).loss + model(**second).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    assert graph_state(graphed).graphs.generation == generation + 1  # the first replayed, the second did not
+    assert rel_err(results[0][0], results[1][0]) < 1e-3
+    for name, grad in results[0][1].items():
+        assert rel_err(grad, results[1][1][name]) < 2e-2, name
+
+
+@gpu
+@needs_cuda
+def test_a_padded_batch_runs_eagerly_and_the_replays_resume_after_it():
+    graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
+    for seed in range(3):
+        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    generation = graph_state(graphed).graphs.generation
+    # guessed and replayed, then found padded: dropped and computed again, eagerly, on the checked path
+    assert_same_step(graphed, eager, packed_batch(20, "cuda", padded_row=3))
+    for seed in (21, 22, 23):  # checked (learns the batches are full again), then guessed and replayed
+        assert_same_step(graphed, eager, packed_batch(seed, "cuda"))
+    assert graph_state(graphed).graphs.generation == generation + 3
+
+
+@gpu
+@needs_cuda
+def test_dropout_draws_a_new_mask_on_every_replay():
+    model = make_model("cuda", hidden_dropout_prob=0.1)
+    batch = packed_batch(0, "cuda")
+    losses = [loss_and_grads(model, batch)[0].item() for _ in range(6)]
+    assert graph_state(model).graphs.generation == 4
+    assert len(set(losses[2:])) == 4, losses  # the replays: four different masks
+    with torch.no_grad():
+        model.eval()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            clean = model(**batch).loss.item()
+    assert all(abs(loss - clean) < 0.5 for loss in losses), (losses, clean)
+
+
+@gpu
+@needs_cuda
+def test_a_backward_through_an_older_forward_raises_rather_than_using_newer_activations():
+    model = make_model("cuda")
+    for seed in range(3):
+        loss_and_grads(model, packed_batch(seed, "cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        old = model(**packed_batch(5, "cuda")).loss
+    old.backward(retain_graph=True)
+    loss_and_grads(model, packed_batch(6, "cuda"))
+    with pytest.raises(RuntimeError, match="cuda_graphs=False"):
+        old.backward()
+
+
+@gpu
+@needs_cuda
+def test_moved_parameters_are_captured_again_not_read_from_their_old_place():
+    graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
+    for seed in range(3):
+        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    with torch.no_grad():
+        for model in (graphed, eager):
+            for p in model.bert.encoder.parameters():
+                p.data = p.data * 1.5  # new storage
+    for seed in (30, 31, 32, 33):
+        assert_same_step(graphed, eager, packed_batch(seed, "cuda"))
+    # the first batch on the new storage notes its key, the second captures again: three replays
+    assert graph_state(graphed).graphs.generation == 3
+
+
+@gpu
+@needs_cuda
+def test_an_evaluation_between_steps_runs_eagerly_and_keeps_the_graphs():
+    graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
+    for seed in range(3):
+        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    generation = graph_state(graphed).graphs.generation
+    batch = packed_batch(40, "cuda")
+    for model in (graphed, eager):
+        model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert rel_err(graphed(**batch).logits, eager(**batch).logits) < 2e-2
+    for model in (graphed, eager):
+        model.train()
+    assert_same_step(graphed, eager, packed_batch(41, "cuda"))
+    assert graph_state(graphed).graphs.generation == generation + 1
+    assert copy.deepcopy(graphed).config.cuda_graphs  # the graphs live beside the model: deepcopy works
