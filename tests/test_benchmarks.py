@@ -60,7 +60,7 @@ def test_model_benchmark_feeds_every_model_an_attention_mask(tmp_path):
                 assert "attention_mask" in row["inputs"], row
                 assert row["mask"]
         assert result["comparison"]["ratio_min"] <= result["comparison"]["ratio_median"]
-    assert measured == 8  # pretrain: ours, two BERT vocabularies, eager BERT, ours without mask; long: 3 of 4
+    assert measured == 9  # pretrain: ours, ours-nographs, two BERT vocabularies, eager BERT, ours without mask; long: 3
     assert (tmp_path / "model_bench.png").exists()
     table = run_script(["benchmarks/report.py", str(tmp_path / "model_bench.json")], tmp_path)
     assert "| workload | model |" in table and "ours / fastest peer" in table
