@@ -27,6 +27,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -148,14 +149,38 @@ def run_contender(name, args, tokenizer, work):
     result = steady_state(clock, args.timed, timed_tokens, args.batch_size, name,
                           note=("torch_compile=True" if compiled else "eager")
                           + (", logging_nan_inf_filter=False" if nosync else ""))
-    lengths = sorted({shape[1] for shape in collator.shapes[: args.steps]})
+    step_lengths = [shape[1] for shape in collator.shapes[: args.steps]]
     result.update(wall_s=round(wall, 1), compiled=compiled, graphs=_graph_count() - graphs_before,
-                  distinct_lengths=len(lengths), real_tokens_per_step=timed_tokens)
+                  distinct_lengths=len(set(step_lengths)), real_tokens_per_step=timed_tokens,
+                  **slow_steps(clock, step_lengths, args.timed))
     del trainer, model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def slow_steps(clock, step_lengths, timed):
+    """The timed steps that took over 1.5x the median, by the device clock: (step, padded length, ms, whether the
+    length was new), and the median ms of the steps of a new length against that of repeated ones, to tell a cost
+    paid once per length (compilation) from one that is not."""
+    if not clock.cuda or len(clock.events) < len(step_lengths):
+        return {}
+    ms = [a.elapsed_time(b) for a, b in zip(clock.events, clock.events[1:])]  # ms[i - 1]: step i
+    first = len(step_lengths) - timed
+    seen = set(step_lengths[:first])
+    new, repeated, slow = [], [], []
+    median = statistics.median(ms[first - 1:])
+    for i in range(first, len(step_lengths)):
+        length, step_ms = step_lengths[i], ms[i - 1]
+        is_new = length not in seen
+        seen.add(length)
+        (new if is_new else repeated).append(step_ms)
+        if step_ms > 1.5 * median:
+            slow.append((i, length, round(step_ms, 1), is_new))
+    return {"slow_steps": slow,
+            "new_length_step_ms": statistics.median(new) if new else None, "new_length_steps": len(new),
+            "repeated_length_step_ms": statistics.median(repeated) if repeated else None}
 
 
 def _graph_count():

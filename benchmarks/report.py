@@ -138,14 +138,19 @@ def profile_table(results):
 def finetune_trainer_table(results):
     lines = [f"Trainer fine-tuning: {header(results['meta'])}; {results['setup']['desc']}.", "",
              "| contender | steady real tokens/s | samples/s | ms/step | graphs compiled | distinct lengths | "
-             "warm-up + run (s) | vs eager ours |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "timed steps of a new length: median ms (count) | of a repeated length: median ms | "
+             "warm-up + run (s) | vs eager ours |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in results["contenders"].items():
         if "tokens_per_s" not in row:
-            lines.append(f"| {name} | {row.get('note', '-')} | | | | | | |")
+            lines.append(f"| {name} | {row.get('note', '-')} | | | | | | | | |")
             continue
         ratio = results.get("ratios", {}).get(f"{name} / ours")
+        new, repeated = row.get("new_length_step_ms"), row.get("repeated_length_step_ms")
+        new = "-" if new is None else f"{new:.1f} ({row['new_length_steps']})"
         lines.append(f"| {name} ({row['note']}) | {_num(row['tokens_per_s'])} | {_num(row['samples_per_s'])} | "
-                     f"{row['step_ms']:.1f} | {row['graphs']} | {row['distinct_lengths']} | {row['wall_s']:.0f} | "
+                     f"{row['step_ms']:.1f} | {row['graphs']} | {row['distinct_lengths']} | "
+                     f"{new} | "
+                     f"{'-' if repeated is None else f'{repeated:.1f}'} | {row['wall_s']:.0f} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
