@@ -12,7 +12,7 @@ logits (`cross_entropy_triton.py`). transformers' own switch, `config._attn_impl
 
 A forward reads the device once, at entry: one host synchronisation returns every value check of the inputs and the
 labels together with the sequence lengths that unpadding needs (`read_batch`). Three situations change the route:
-- torch.export / torch.onnx.export (`torch.compiler.is_exporting()`): no value checks and no unpadding. The layers run
+- torch.export / torch.onnx.export (`is_exporting`): no value checks and no unpadding. The layers run
   on every position of the padded batch, attention is scaled_dot_product_attention with the ALiBi bias of each
   sequence's real-token positions and a key-padding mask (`padded_attention`), and outputs are zeroed at padding.
 - torch.compile (`torch.compiler.is_compiling()`): the checks run as one custom operator, `check_batch`
@@ -89,13 +89,23 @@ def attn_implementation_of(config) -> str:
     return getattr(config, "_attn_implementation", None) or "sdpa"
 
 
+def is_exporting() -> bool:
+    """Whether torch.export (or the ONNX exporter on it) is tracing the model. torch.compiler.is_exporting() alone
+    cannot tell: before pytorch/pytorch#176499, Dynamo answers True under plain torch.compile too (torch 2.11 does),
+    which would send compiled models down the export route (no value checks, padded attention on every position).
+    Under Dynamo the flag that export itself sets decides."""
+    if not torch.compiler.is_exporting():
+        return False
+    return not torch.compiler.is_dynamo_compiling() or bool(torch.compiler._is_exporting_flag)
+
+
 def kernel_policy_reason(attn_implementation: str, tensor: torch.Tensor) -> str | None:
     """The choice every fused Triton kernel shares: why `attn_implementation` keeps this tensor off the kernels, or
     None. "eager" never takes them, "sdpa" only for float16/bfloat16 CUDA tensors, "flash_attention_2" whenever they
     can run. Nothing is exported through them (they are Triton programs, not ONNX or ATen operators)."""
     if attn_implementation == "eager":
         return "attn_implementation is 'eager'"
-    if torch.compiler.is_exporting():
+    if is_exporting():
         return "the model is being exported, and the Triton kernels have no exported form"
     if flash_attn_varlen_qkvpacked_func is None:
         return "Triton is not installed"
@@ -1191,7 +1201,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         mask = attention_mask != 0
         token_labels = labels if labels is not None and labels_per_token else None
         guess = None
-        if torch.compiler.is_exporting():  # no value checks, no unpadding: the layers run on every position
+        if is_exporting():  # no value checks, no unpadding: the layers run on every position
             layout, labelled = TokenLayout(mask), None
         else:
             args = (attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size,

@@ -205,6 +205,29 @@ def test_compiled_model_still_raises_value_errors_for_bad_inputs():
         compiled(input_ids=ids, attention_mask=mask, labels=torch.where(mask == 0, 1, labels))
 
 
+def test_compile_takes_the_compiled_route_not_the_export_route(monkeypatch):
+    """Under torch.compile the model runs the sorted layout with its value checks, never the export route (which
+    checks nothing): `is_exporting` must say False there even where torch.compiler.is_exporting() says True (Dynamo
+    before pytorch/pytorch#176499, as in torch 2.11; tests/test_model_gpu.py runs the GPU variant on such a torch)."""
+    torch._dynamo.reset()
+    model = tiny("MosaicBertForMaskedLM")
+    layouts = []
+    compiled_layout = _m().compiled_layout
+
+    def spy(*args):
+        layouts.append(1)
+        return compiled_layout(*args)
+
+    monkeypatch.setattr(_m(), "compiled_layout", spy)
+    compiled = torch.compile(model, backend="aot_eager")
+    ids, mask, _ = next(_batches(1))
+    torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
+    assert layouts, "the compiled model took the export route"
+    flag = torch.compile(lambda x: x + float(_m().is_exporting()), backend="eager", fullgraph=True)(torch.zeros(1))
+    assert flag.item() == 0.0
+
+
 @pytest.mark.interpreter
 @pytest.mark.skipif(not INTERPRET, reason="the CPU variant of the kernel path; tests/test_model_gpu.py covers CUDA")
 def test_compiled_kernel_path_matches_eager_and_does_not_recompile():
