@@ -47,8 +47,9 @@ class MosaicBertConfig(PretrainedConfig):
         cuda_graphs (`bool`, defaults to `False`): in masked-LM training on packed batches (every position a real
             token, one shape from batch to batch) on CUDA, capture the encoder layers' forward and backward as two
             CUDA graphs and replay them, which removes the host's launch time of about 1,000 kernels a step. The
-            layers run eagerly wherever that does not hold (padding, evaluation, hooks such as FSDP's, gradient
-            checkpointing); the graphs keep one batch's activations in their own memory pool.
+            layers run eagerly wherever that does not hold (padding, evaluation, gradient checkpointing, modules or
+            hooks that are not this package's: PEFT adapters, FSDP, offloading). The graphs keep one batch's
+            activations in their own memory pool until the model leaves training mode; one backward per forward.
 
     Attention and kernels follow transformers' own switch, `attn_implementation` (pass it to `from_pretrained`, to
     this config, or change it with `model.set_attn_implementation`); it chooses for all four fused Triton kernels

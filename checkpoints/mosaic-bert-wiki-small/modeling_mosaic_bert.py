@@ -96,7 +96,7 @@ def is_exporting() -> bool:
     Under Dynamo the flag that export itself sets decides."""
     if not torch.compiler.is_exporting():
         return False
-    return not torch.compiler.is_dynamo_compiling() or bool(torch.compiler._is_exporting_flag)
+    return not torch.compiler.is_dynamo_compiling() or bool(getattr(torch.compiler, "_is_exporting_flag", True))
 
 
 def kernel_policy_reason(attn_implementation: str, tensor: torch.Tensor) -> str | None:
@@ -561,7 +561,10 @@ class LayerGraphs:
     gradients in their own memory pool, and read the parameters in place: `key` names everything a capture assumes.
 
     static_input: (tokens, hidden) the layers' input; static_output: (tokens, hidden); static_grads: the gradients
-    of the input and of each parameter in `params` (those that require grad), or None where unused.
+    of the input and of each parameter in `params` (those that require grad), or None where unused. generation counts
+    the forward replays; awaiting_backward is a weak reference to the autograd context of the last one until its
+    backward has run.
+    run_layers: (static_input, layout) -> (tokens, hidden), the layers run eagerly (warm-up and capture).
     """
 
     def __init__(self, key: tuple, run_layers, hidden_states: torch.Tensor, layout: TokenLayout, params: list):
@@ -572,7 +575,9 @@ class LayerGraphs:
         inputs = [self.static_input, *params]
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), autocast_without_cache(device.type):  # cuBLAS workspaces of the stream
+        # One eager pass on the capture stream first: libraries allocate per-stream state (cuBLAS workspaces) on
+        # first use, which a capture cannot do.
+        with torch.cuda.stream(stream), autocast_without_cache(device.type):
             warm = run_layers(self.static_input, layout)
             torch.autograd.grad(warm, inputs, torch.zeros_like(warm), allow_unused=True)
             del warm
@@ -603,22 +608,24 @@ class ReplayedLayers(torch.autograd.Function):
         graphs.static_input.copy_(hidden_states)
         graphs.forward_graph.replay()
         graphs.generation += 1
-        ctx.graphs, ctx.generation = graphs, graphs.generation
+        ctx.graphs, ctx.generation, ctx.backward_done = graphs, graphs.generation, False
         graphs.awaiting_backward = weakref.ref(ctx)
         return graphs.static_output.clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         graphs = ctx.graphs
-        if ctx.generation != graphs.generation:
+        if ctx.backward_done or ctx.generation != graphs.generation:
             raise RuntimeError(
-                "this backward goes through CUDA-graphed MosaicBERT layers that have run another batch since its "
-                "forward (a second backward with retain_graph=True after a new step); set config.cuda_graphs=False "
-                "to backpropagate through older forwards"
+                "a second backward through CUDA-graphed MosaicBERT layers (retain_graph=True), or one through a "
+                "forward older than their last: the replayed backward reuses the buffers of the last forward's "
+                "activations, which its first backward overwrote. Set config.cuda_graphs=False to backpropagate "
+                "more than once"
             )
         graphs.static_grad_output.copy_(grad_output)
         graphs.backward_graph.replay()
-        graphs.awaiting_backward = None
+        ctx.backward_done, graphs.awaiting_backward = True, None
         return None, *(None if grad is None else grad.clone() for grad in graphs.static_grads)
 
 
@@ -627,7 +634,7 @@ class GraphState:
     """What an encoder knows about its CUDA graphs: the key last seen (a capture waits for a second batch with the
     same key, so parameters that move from batch to batch are never captured), the graphs, or why capturing failed."""
 
-    candidate: tuple | None = None
+    last_key: tuple | None = None
     graphs: LayerGraphs | None = None
     failed: str | None = None
 
@@ -637,22 +644,53 @@ class GraphState:
 _GRAPH_STATES: "weakref.WeakKeyDictionary[nn.Module, GraphState]" = weakref.WeakKeyDictionary()
 
 
+# Where the modules inside the encoder may come from for a capture: this file's, and the plain torch and transformers
+# modules it builds on. Anything else (a PEFT adapter, a wrapper such as FSDP's) may read Python state at every call
+# that a replay would not see.
+GRAPHABLE_MODULES = (__name__, "torch.nn.modules.linear", "torch.nn.modules.dropout", "torch.nn.modules.container",
+                     "torch.nn.modules.normalization", "transformers.activations")
+
+
 def graphs_unsupported_reason(encoder: "MosaicBertEncoder", hidden_states: torch.Tensor) -> str | None:
     """Why the layers of this call cannot run as CUDA graph replays, or None."""
     if not (encoder.training and torch.is_grad_enabled() and hidden_states.requires_grad):
-        return "not training"
+        return "not training (or the embeddings' output needs no gradient)"
     if any(getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer):
         return "gradient checkpointing recomputes the layers"
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in encoder.modules()
-    ):
-        return "hooks on the layers (FSDP, offloading, capture) must run in Python"
+    modules = list(encoder.modules())
+    foreign = next((type(m).__name__ for m in modules if type(m).__module__ not in GRAPHABLE_MODULES), None)
+    if foreign is not None:
+        return f"the layers hold a {foreign}, which may read Python state at every call"
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+            or nn_module._global_backward_pre_hooks or any(
+                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in modules)):
+        return "hooks on the layers must run in Python"
+    params = list(encoder.parameters())
+    if not params or any(type(p) is not nn.Parameter for p in params):
+        return "the parameters are sharded or flattened by a wrapper (FSDP's DTensor or FlatParameter)"
     if not hidden_states.is_cuda:
         return "not on CUDA"
     if torch.cuda.is_current_stream_capturing():
         return "the caller is capturing a CUDA graph"
     return None
+
+
+def graph_key(encoder: "MosaicBertEncoder", hidden_states: torch.Tensor, layout: TokenLayout) -> tuple:
+    """Everything a capture of the layers reads once and a replay takes as given: the batch's shape and dtype, the
+    autocast state, the attention implementation, every module's training flag and dropout probabilities, the matmul
+    precision settings, and every parameter's storage, dtype and requires_grad."""
+    device_type = hidden_states.device.type
+    return (
+        tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, layout.seqlen,
+        torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+        attn_implementation_of(encoder.config),
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        tuple((m.training, getattr(m, "p", None), getattr(m, "dropout_p", None), getattr(m, "dropout_prob", None))
+              for m in encoder.modules()),
+        tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in encoder.parameters()),
+    )
 
 
 def layer_graphs(encoder: "MosaicBertEncoder", hidden_states: torch.Tensor, layout: TokenLayout) -> LayerGraphs | None:
@@ -664,22 +702,15 @@ def layer_graphs(encoder: "MosaicBertEncoder", hidden_states: torch.Tensor, layo
     state = _GRAPH_STATES.setdefault(encoder, GraphState())
     if state.failed is not None:
         return None
-    params = list(encoder.parameters())
-    device_type = hidden_states.device.type
-    key = (
-        tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, layout.seqlen,
-        torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
-        attn_implementation_of(encoder.config),
-        tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in params),
-    )
+    key = graph_key(encoder, hidden_states, layout)
     if state.graphs is not None and state.graphs.key == key:
         return state.graphs
-    if state.candidate != key:
-        state.candidate, state.graphs = key, None  # frees graphs of another key
+    if state.last_key != key:
+        state.last_key, state.graphs = key, None  # frees graphs of another key
         return None
     try:
         state.graphs = LayerGraphs(key, lambda states, rows: encoder.run_layers(states, rows)[0], hidden_states,
-                                   layout, [p for p in params if p.requires_grad])
+                                   layout, [p for p in encoder.parameters() if p.requires_grad])
     except RuntimeError as exc:
         state.failed, state.graphs = f"{type(exc).__name__}: {exc}", None
         logger.warning(f"MosaicBERT: capturing the layers as CUDA graphs failed, running them eagerly: {state.failed}")
@@ -708,11 +739,23 @@ class MosaicBertEncoder(nn.Module):
         output (each (batch, seqlen, hidden)) and every layer's (batch, heads, seqlen, seqlen) probabilities.
         graphable: a packed batch (every position a real token, no per-layer outputs) that, with
         `config.cuda_graphs`, may run as replays of `LayerGraphs`."""
-        if graphable and self.config.cuda_graphs:
+        if graphable and self.config.cuda_graphs and not output_attentions and not output_hidden_states:
             graphs = layer_graphs(self, hidden_states, layout)
             if graphs is not None and not graphs.busy():
                 return ReplayedLayers.apply(graphs, hidden_states, *graphs.params), None, None
+        elif not self.config.cuda_graphs:
+            self.release_graphs()
         return self.run_layers(hidden_states, layout, output_attentions, output_hidden_states)
+
+    def train(self, mode: bool = True):
+        """nn.Module.train; leaving training also frees the CUDA graphs and their memory (captured again on return)."""
+        if not mode:
+            self.release_graphs()
+        return super().train(mode)
+
+    def release_graphs(self) -> None:
+        """Frees this encoder's CUDA graphs (`LayerGraphs`) and the memory pool holding their activations."""
+        _GRAPH_STATES.pop(self, None)
 
     def run_layers(
         self,
