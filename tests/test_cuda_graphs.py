@@ -285,3 +285,48 @@ def test_a_new_dropout_probability_is_captured_again_not_ignored():
     for seed in (50, 51):  # notes the new key, then captures
         loss_and_grads(model, packed_batch(seed, "cuda"))
     assert graph_state(model).graphs.key != key and graph_state(model).graphs.generation == 1
+
+
+class FakeGraphs:
+    """`LayerGraphs`' interface on the CPU: "replaying" the forward doubles the static input, the backward doubles the
+    static output gradient, as graphs of y = 2x would. Lets the autograd side of `ReplayedLayers` run in CI."""
+
+    class Replay:
+        def __init__(self, run):
+            self.replay = run
+
+    def __init__(self):
+        self.static_input = torch.zeros(3)
+        self.static_output = torch.zeros(3)
+        self.static_grad_output = torch.zeros(3)
+        self.static_grads = (torch.zeros(3),)
+        self.params, self.generation, self.awaiting_backward = [], 0, None
+        self.forward_graph = self.Replay(lambda: self.static_output.copy_(2 * self.static_input))
+        self.backward_graph = self.Replay(lambda: self.static_grads[0].copy_(2 * self.static_grad_output))
+
+    busy = modeling_mosaic_bert.LayerGraphs.busy
+
+
+def test_a_replay_returns_copies_and_allows_one_backward_per_forward():
+    graphs = FakeGraphs()
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    y = modeling_mosaic_bert.ReplayedLayers.apply(graphs, x)
+    assert graphs.busy()  # its backward is due: another batch must run eagerly
+    torch.testing.assert_close(y, 2 * x.detach())
+    assert y.data_ptr() != graphs.static_output.data_ptr()
+    (y * torch.tensor([1.0, 10.0, 100.0])).sum().backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, torch.tensor([2.0, 20.0, 200.0]))
+    assert x.grad.data_ptr() != graphs.static_grads[0].data_ptr()  # accumulation must not alias the static buffer
+    assert not graphs.busy()
+    with pytest.raises(RuntimeError, match="second backward"):
+        y.sum().backward()
+    older = modeling_mosaic_bert.ReplayedLayers.apply(graphs, x)
+    newer = modeling_mosaic_bert.ReplayedLayers.apply(graphs, x.detach() + 1)  # (eager in the model: busy)
+    with pytest.raises(RuntimeError, match="older than their last"):
+        older.sum().backward()
+    del newer
+    z = modeling_mosaic_bert.ReplayedLayers.apply(graphs, x)
+    w = torch.tensor(2.0, requires_grad=True)  # a weight after the layers: a gradient penalty differentiates twice
+    (g,) = torch.autograd.grad((z * w).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()  # refused, rather than second-order terms silently missing
