@@ -46,7 +46,7 @@ class MosaicBertConfig(PretrainedConfig):
             compatibility with original checkpoints; ALiBi is computed for any length, so nothing depends on it.
         cuda_graphs (`bool`, defaults to `False`): in masked-LM training on packed batches (every position a real
             token, one shape from batch to batch) on CUDA, capture the encoder layers' forward and backward as two
-            CUDA graphs and replay them, which removes the host's launch time of about 1,000 kernels a step. The
+            CUDA graphs and replay them, which takes the launch of every one of their kernels off the host. The
             layers run eagerly wherever that does not hold (padding, evaluation, gradient checkpointing, modules or
             hooks that are not this package's: PEFT adapters, FSDP, offloading). The graphs keep one batch's
             activations in their own memory pool until the model leaves training mode; one backward per forward.

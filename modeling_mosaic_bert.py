@@ -554,8 +554,8 @@ class LayerGraphs:
     """The encoder layers' forward and backward over one packed batch, captured as two CUDA graphs and replayed by
     `ReplayedLayers` (`config.cuda_graphs`).
 
-    Packed pretraining repeats one batch shape with every position a real token, so the layers' ~1,000 launches a
-    step (their host time about equals the GPU's work at base size) can become two graph launches. Captured on a side
+    Packed pretraining repeats one batch shape with every position a real token, so every kernel launch of the layers
+    (whose host time can rival the GPU's work at base size) can become one of two graph launches. Captured on a side
     stream after one warm-up pass there, under the caller's autocast with its cache off; dropout stays random on
     replay (the Philox seeds are drawn on the device inside the graph). The graphs keep the batch's activations and
     gradients in their own memory pool, and read the parameters in place: `key` names everything a capture assumes.
@@ -743,7 +743,7 @@ class MosaicBertEncoder(nn.Module):
             graphs = layer_graphs(self, hidden_states, layout)
             if graphs is not None and not graphs.busy():
                 return ReplayedLayers.apply(graphs, hidden_states, *graphs.params), None, None
-        elif not self.config.cuda_graphs:
+        elif graphable and not self.config.cuda_graphs:  # turned off: free any graphs kept from before
             self.release_graphs()
         return self.run_layers(hidden_states, layout, output_attentions, output_hidden_states)
 

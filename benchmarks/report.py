@@ -147,11 +147,11 @@ def finetune_trainer_table(results):
         ratio = results.get("ratios", {}).get(f"{name} / ours")
         new, repeated = row.get("new_length_step_ms"), row.get("repeated_length_step_ms")
         new = "-" if new is None else f"{new:.1f} ({row['new_length_steps']})"
+        repeated = "-" if repeated is None else f"{repeated:.1f}"
+        ratio = "-" if ratio is None else f"{ratio:.2f}x"
         lines.append(f"| {name} ({row['note']}) | {_num(row['tokens_per_s'])} | {_num(row['samples_per_s'])} | "
-                     f"{row['step_ms']:.1f} | {row['graphs']} | {row['distinct_lengths']} | "
-                     f"{new} | "
-                     f"{'-' if repeated is None else f'{repeated:.1f}'} | {row['wall_s']:.0f} | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+                     f"{row['step_ms']:.1f} | {row['graphs']} | {row['distinct_lengths']} | {new} | {repeated} | "
+                     f"{row['wall_s']:.0f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -147,3 +147,17 @@ def assert_close(actual, expected, atol=1e-9, rtol=1e-7, msg=""):
     expected = expected.detach().to(actual.dtype)
     assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
+
+
+def collated_mlm_batch(seed: int, vocab: int, batch: int, seqlen: int, padded_row: int | None = None,
+                       device="cpu") -> dict:
+    """What DataCollatorForLanguageModeling gives for packed rows: input_ids, attention_mask (all ones, except the
+    second half of padded_row), token_type_ids and labels on ~30% of the real tokens (-100 elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seqlen), generator=g)
+    mask = torch.ones_like(ids)
+    if padded_row is not None:
+        mask[padded_row, seqlen // 2 :] = 0
+    labels = torch.where((torch.rand(batch, seqlen, generator=g) < 0.3) & (mask == 1), ids, -100)
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+    return {k: v.to(device) for k, v in inputs.items()}

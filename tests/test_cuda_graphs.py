@@ -13,7 +13,7 @@ import torch
 
 import modeling_mosaic_bert
 from configuration_mosaic_bert import MosaicBertConfig
-from conftest import HAS_CUDA, rel_err
+from conftest import collated_mlm_batch, rel_err
 from modeling_mosaic_bert import MosaicBertForMaskedLM, graphs_unsupported_reason
 
 VOCAB = 512
@@ -28,16 +28,7 @@ def make_model(device, **overrides):
 
 
 def packed_batch(seed, device, batch=8, seqlen=128, padded_row=None):
-    """input_ids, attention_mask (all ones unless padded_row), token_type_ids and labels on ~30% of the real tokens,
-    as DataCollatorForLanguageModeling gives them."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, seqlen), generator=g)
-    mask = torch.ones_like(ids)
-    if padded_row is not None:
-        mask[padded_row, seqlen // 3:] = 0
-    labels = torch.where((torch.rand(batch, seqlen, generator=g) < 0.3) & (mask == 1), ids, -100)
-    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
-    return {k: v.to(device) for k, v in inputs.items()}
+    return collated_mlm_batch(seed, VOCAB, batch, seqlen, padded_row, device)
 
 
 def graph_state(model):
@@ -51,6 +42,13 @@ def loss_and_grads(model, batch):
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
+
+
+def train_until_replaying(model):
+    """Three packed steps: the first is checked, the second notes the key, the third captures and replays once."""
+    for seed in range(3):
+        loss_and_grads(model, packed_batch(seed, "cuda"))
+    assert graph_state(model).graphs.generation == 1
 
 
 def assert_same_step(graphed, eager, batch):
@@ -117,12 +115,10 @@ def test_layers_that_are_not_this_packages_own_are_refused():
         "the layers hold a Adapter, which may read Python state at every call")
 
 
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 
 @gpu
-@needs_cuda
 def test_replayed_training_steps_match_eager_steps_loss_and_every_gradient():
     graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
     for seed in range(6):
@@ -134,7 +130,6 @@ def test_replayed_training_steps_match_eager_steps_loss_and_every_gradient():
 
 
 @gpu
-@needs_cuda
 def test_replays_follow_parameter_updates_and_gradient_accumulation():
     graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (graphed, eager)]
@@ -157,11 +152,9 @@ def test_replays_follow_parameter_updates_and_gradient_accumulation():
 
 
 @gpu
-@needs_cuda
 def test_a_second_forward_before_the_backward_runs_eagerly_and_both_gradients_are_right():
     graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
-    for seed in range(3):
-        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    train_until_replaying(graphed)
     generation = graph_state(graphed).graphs.generation
     first, second = packed_batch(7, "cuda"), packed_batch(8, "cuda")
     results = []
@@ -178,11 +171,9 @@ def test_a_second_forward_before_the_backward_runs_eagerly_and_both_gradients_ar
 
 
 @gpu
-@needs_cuda
 def test_a_padded_batch_runs_eagerly_and_the_replays_resume_after_it():
     graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
-    for seed in range(3):
-        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    train_until_replaying(graphed)
     generation = graph_state(graphed).graphs.generation
     # guessed and replayed, then found padded: dropped and computed again, eagerly, on the checked path
     assert_same_step(graphed, eager, packed_batch(20, "cuda", padded_row=3))
@@ -192,7 +183,6 @@ def test_a_padded_batch_runs_eagerly_and_the_replays_resume_after_it():
 
 
 @gpu
-@needs_cuda
 def test_dropout_draws_a_new_mask_on_every_replay():
     model = make_model("cuda", hidden_dropout_prob=0.1)
     batch = packed_batch(0, "cuda")
@@ -207,11 +197,9 @@ def test_dropout_draws_a_new_mask_on_every_replay():
 
 
 @gpu
-@needs_cuda
 def test_a_backward_through_an_older_forward_raises_rather_than_using_newer_activations():
     model = make_model("cuda")
-    for seed in range(3):
-        loss_and_grads(model, packed_batch(seed, "cuda"))
+    train_until_replaying(model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         old = model(**packed_batch(5, "cuda")).loss
     old.backward(retain_graph=True)
@@ -221,11 +209,9 @@ def test_a_backward_through_an_older_forward_raises_rather_than_using_newer_acti
 
 
 @gpu
-@needs_cuda
 def test_moved_parameters_are_captured_again_not_read_from_their_old_place():
     graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
-    for seed in range(3):
-        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    train_until_replaying(graphed)
     with torch.no_grad():
         for model in (graphed, eager):
             for p in model.bert.encoder.parameters():
@@ -237,11 +223,9 @@ def test_moved_parameters_are_captured_again_not_read_from_their_old_place():
 
 
 @gpu
-@needs_cuda
 def test_an_evaluation_frees_the_graphs_and_training_captures_them_again():
     graphed, eager = make_model("cuda"), make_model("cuda", cuda_graphs=False)
-    for seed in range(3):
-        loss_and_grads(graphed, packed_batch(seed, "cuda"))
+    train_until_replaying(graphed)
     assert graph_state(graphed).graphs is not None
     batch = packed_batch(40, "cuda")
     for model in (graphed, eager):
@@ -258,11 +242,9 @@ def test_an_evaluation_frees_the_graphs_and_training_captures_them_again():
 
 
 @gpu
-@needs_cuda
 def test_a_second_backward_of_one_step_raises():
     model = make_model("cuda")
-    for seed in range(3):
-        loss_and_grads(model, packed_batch(seed, "cuda"))
+    train_until_replaying(model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(**packed_batch(5, "cuda")).loss
     loss.backward(retain_graph=True)
@@ -271,11 +253,9 @@ def test_a_second_backward_of_one_step_raises():
 
 
 @gpu
-@needs_cuda
 def test_a_new_dropout_probability_is_captured_again_not_ignored():
     model = make_model("cuda")
-    for seed in range(3):
-        loss_and_grads(model, packed_batch(seed, "cuda"))
+    train_until_replaying(model)
     key = graph_state(model).graphs.key
     for module in model.bert.encoder.modules():
         if isinstance(module, torch.nn.Dropout):

@@ -36,8 +36,6 @@ def ragged(lengths, vocab=512, seed=0, seqlen=None):
     return ids.cuda(), mask.cuda()
 
 
-
-
 def test_kernel_is_the_default_attention_on_cuda_in_bf16():
     from modeling_mosaic_bert import MosaicBertModel, flash_attn_varlen_qkvpacked_func
 

@@ -9,6 +9,7 @@ import torch
 
 import modeling_mosaic_bert
 from configuration_mosaic_bert import MosaicBertConfig
+from conftest import collated_mlm_batch
 from modeling_mosaic_bert import MosaicBertForMaskedLM
 
 VOCAB = 300
@@ -28,15 +29,7 @@ def make_model(device="cpu", dtype=torch.float64):
 
 
 def collated(seed, batch=4, seqlen=16, padded_row=None, device="cpu"):
-    """input_ids, attention_mask, token_type_ids and labels on ~30% of the real tokens, as the MLM collator gives."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, seqlen), generator=g)
-    mask = torch.ones_like(ids)
-    if padded_row is not None:
-        mask[padded_row, seqlen // 2 :] = 0
-    labels = torch.where((torch.rand(batch, seqlen, generator=g) < 0.3) & (mask == 1), ids, -100)
-    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
-    return {k: v.to(device) for k, v in inputs.items()}
+    return collated_mlm_batch(seed, VOCAB, batch, seqlen, padded_row, device)
 
 
 def checked(model, batch):
