@@ -15,11 +15,11 @@ labels together with the sequence lengths that unpadding needs (`read_batch`). T
 - torch.export / torch.onnx.export (`is_exporting`): no value checks and no unpadding. The layers run
   on every position of the padded batch, attention is scaled_dot_product_attention with the ALiBi bias of each
   sequence's real-token positions and a key-padding mask (`padded_attention`), and outputs are zeroed at padding.
-- torch.compile (`torch.compiler.is_compiling()`): the checks run as one custom operator, `check_batch`
-  (they still raise at run time; the compiler sees no value, so no guard on lengths, no recompile per batch, no graph
-  break), and the rows are sorted, not dropped: real tokens first, padding after, so that every shape follows the
-  padded batch's (`TokenLayout`, sorted). Attention is the Triton kernel where it runs (it reads the real rows
-  only), else `padded_attention`.
+- torch.compile (`torch.compiler.is_compiling()`): the checks and the unpadding run as one custom operator,
+  `check_batch`. They still raise at run time; the compiler sees no value, only a token count it keeps symbolic
+  (`data_dependent_size`), so there is no guard on lengths, no recompile per batch and no graph break, and the
+  layers still see the real tokens only. Attention is the Triton kernel where it runs, else `padded_attention`
+  (no lengths on the host).
 - torch.jit.trace is refused: a trace would freeze one batch's unpadding.
 """
 
@@ -247,13 +247,10 @@ class TokenLayout:
 
     mask: (batch, seqlen) bool, True on real tokens. cu_seqlens: (batch + 1,) int32 boundaries of the sequences,
     whose real tokens are consecutive rows; max_seqlen: at least the longest sequence.
-    Three layouts:
-    - unpadded (eager): the rows are the real tokens, sequence after sequence. indices: (tokens,) int64 flat position
-      of each row in (batch * seqlen); lengths: the sequence lengths, read on the host with the input checks.
-    - sorted (torch.compile): the rows are every position of the batch, the real tokens first (as in the unpadded
-      layout), then the padding: indices is a (batch * seqlen,) permutation, real_rows (batch * seqlen,) bool marks the
-      first cu_seqlens[-1] rows. Shapes do not depend on the mask's values, so nothing is read on the host and
-      nothing recompiles; the fused kernels touch the real rows only.
+    Two layouts:
+    - unpadded: the rows are the real tokens, sequence after sequence. indices: (tokens,) int64 flat position of each
+      row in (batch * seqlen). lengths: the sequence lengths, read on the host with the input checks (eager); None
+      under torch.compile, where the token count is a symbolic size and max_seqlen is the padded seqlen.
     - padded (export): the rows are the positions of the padded batch in order; indices is None.
     """
 
@@ -262,7 +259,6 @@ class TokenLayout:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     lengths: list[int] | None = None
-    real_rows: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -274,20 +270,10 @@ class TokenLayout:
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """(rows, ...) -> (batch, seqlen, ...), zeros at padded positions."""
-        if self.indices is None:
-            padded = rows.view(self.batch_size, self.seqlen, *rows.shape[1:])
-        else:
-            padded = pad_input(rows, self.indices, self.batch_size, self.seqlen)
-            if self.real_rows is None:  # unpadded: the padded positions are zeros already
-                return padded
+        if self.indices is not None:  # unpadded: the padded positions are zeros already
+            return pad_input(rows, self.indices, self.batch_size, self.seqlen)
+        padded = rows.view(self.batch_size, self.seqlen, *rows.shape[1:])
         return torch.where(self.mask.view(*self.mask.shape, *([1] * (rows.dim() - 1))), padded, 0)
-
-    def only_real_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """(rows, ...) with zeros in the rows that hold no real token (sorted layout; the same tensor otherwise).
-        Applied around the attention kernel, which neither reads nor writes those rows."""
-        if self.real_rows is None:
-            return rows
-        return torch.where(self.real_rows.view(-1, *([1] * (rows.dim() - 1))), rows, 0)
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch, seqlen, ...) -> (rows, ...)."""
@@ -479,11 +465,7 @@ class MosaicBertSelfAttention(nn.Module):
         explicit = output_attentions or implementation == "eager"
         probabilities = None
         if reason is None:
-            context = layout.only_real_rows(
-                flash_attn_varlen_qkvpacked_func(
-                    layout.only_real_rows(qkv), layout.cu_seqlens, layout.max_seqlen, alibi_slopes=slopes
-                )
-            )
+            context = flash_attn_varlen_qkvpacked_func(qkv, layout.cu_seqlens, layout.max_seqlen, alibi_slopes=slopes)
         elif implementation == "flash_attention_2":
             raise ValueError(f"attn_implementation='flash_attention_2' (the Triton kernel) cannot run here: {reason}")
         elif layout.lengths is None or output_attentions:
@@ -848,8 +830,8 @@ class Encoding:
     all_hidden_states: embeddings and every layer, each (batch, seqlen, hidden), when asked.
     attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
     labels: (rows,) the token labels of the rows, when token labels were given (-100 on rows of padding).
-    labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order; None under torch.compile
-    and export, where no count is read. With a `guess`, (bound,) instead: the labelled rows, then the row count
+    labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order (a symbolic count under
+    torch.compile); None while exporting, where no count is read. With a `guess`, (bound,) instead: the labelled rows, then the row count
     (one past the last row) as filler up to the guess's bound.
     guess: the `PackedBatchGuess` the encoder ran on, which the head must confirm before returning.
     """
@@ -1074,6 +1056,19 @@ def _op_registered(name: str) -> bool:
         return False
 
 
+def data_dependent_size(ctx) -> torch.SymInt:
+    """A size that the compiler keeps symbolic and bounds by nothing it knows (the real-token count), for a fake
+    implementation. `ctx.new_dynamic_size()` refuses unless the global torch._dynamo.config.
+    capture_dynamic_output_shape_ops is set, and Dynamo then breaks the graph at the operator; the count only sizes
+    this model's own rows, whose code is tested with it under torch.compile, so the size is made directly from the
+    shape environment where this torch provides the means (torch 2.5 and later), else through the public call."""
+    allocate = getattr(getattr(torch._library, "fake_impl", None), "allocate_size", None)
+    shape_env = getattr(ctx, "_shape_env", None)
+    if allocate is None or shape_env is None:
+        return ctx.new_dynamic_size()
+    return allocate(shape_env)
+
+
 if not _op_registered("check_batch"):
 
     # It reads the device (the checks), so CUDA graphs must not capture it: inductor leaves it out of them.
@@ -1091,18 +1086,25 @@ if not _op_registered("check_batch"):
         type_vocab_size: int,
         num_label_classes: int,
         labels_per_token: bool,
-    ) -> torch.Tensor:
-        """`read_batch` as an operator, for torch.compile: at run time the checks raise as in eager (one host
-        synchronisation), while the compiler sees an opaque call (no graph break, no guard on any value). Returns the
-        sorted layout's order: (batch * seqlen,) int64 flat positions, the real tokens first, then the padding."""
-        read_batch(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
-                   labels_per_token)
-        return torch.argsort((attention_mask == 0).flatten().to(torch.int8), stable=True)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`read_batch` and `unpad_rows` as an operator, for torch.compile: at run time the checks raise as in eager
+        (one host synchronisation), while the compiler sees an opaque call whose output sizes are symbolic (no graph
+        break, no guard on any value, one graph for every batch). Returns the (tokens,) int64 flat positions of the
+        real tokens and, with token labels, the (num_labelled,) rows whose label is not -100 (else an empty tensor)."""
+        lengths, num_labelled = read_batch(attention_mask, input_ids, token_type_ids, labels, vocab_size,
+                                           type_vocab_size, num_label_classes, labels_per_token)
+        indices, _, labelled = unpad_rows(attention_mask != 0, labels if labels_per_token else None, sum(lengths),
+                                          num_labelled)
+        return indices, labelled
 
     @check_batch.register_fake
     def _(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
           labels_per_token):
-        return attention_mask.new_empty(attention_mask.numel(), dtype=torch.int64)
+        ctx = torch.library.get_ctx()
+        indices = attention_mask.new_empty(data_dependent_size(ctx), dtype=torch.int64)
+        with_labels = labels is not None and labels_per_token
+        labelled = attention_mask.new_empty(data_dependent_size(ctx) if with_labels else 0, dtype=torch.int64)
+        return indices, labelled
 
 
 def check_call(config, input_ids, attention_mask, token_type_ids, inputs_embeds, labels, labels_per_token):
@@ -1121,13 +1123,15 @@ def check_call(config, input_ids, attention_mask, token_type_ids, inputs_embeds,
     return batch_size, seqlen
 
 
-def compiled_layout(args: tuple, mask: torch.Tensor) -> TokenLayout:
-    """The sorted layout torch.compile runs on, after the checks of `check_batch` (an opaque operator: no guard on
-    any value, no graph break): every position of the batch, the real tokens first."""
-    order = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
+def compiled_layout(args: tuple, mask: torch.Tensor) -> tuple[TokenLayout, torch.Tensor]:
+    """The unpadded layout torch.compile runs on, and the labelled rows, after the checks of `check_batch` (an opaque
+    operator: no guard on any value, no graph break). The counts are sizes the compiler does not know, so no length
+    is on the host: attention bounds every sequence by the padded seqlen."""
+    indices, labelled = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
+    torch._check(indices.shape[0] <= mask.numel())
+    torch._check(labelled.shape[0] <= indices.shape[0])
     cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
-    real_rows = torch.arange(order.shape[0], device=order.device) < cu_seqlens[-1]
-    return TokenLayout(mask, order, cu_seqlens, max_seqlen=mask.shape[1], real_rows=real_rows)
+    return TokenLayout(mask, indices, cu_seqlens, max_seqlen=mask.shape[1]), labelled
 
 
 def _output_flags(config, output_attentions, output_hidden_states) -> dict:
@@ -1224,8 +1228,8 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         guess_packed: bool = False,
     ) -> Encoding:
         """Checks the inputs and the head's labels, then runs the encoder and returns its result in the layout it ran
-        on (what the heads build on): the real tokens only in eager; every position while exporting, sorted real
-        tokens first under torch.compile (`TokenLayout`).
+        on (what the heads build on): the real tokens only, except while exporting, where it is every position
+        (`TokenLayout`).
 
         input_ids, attention_mask, token_type_ids: (batch, seqlen); inputs_embeds: (batch, seqlen, hidden).
         labels: the head's class labels, checked against num_label_classes with the inputs (one host
@@ -1249,8 +1253,8 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         else:
             args = (attention_mask, input_ids, token_type_ids, labels, self.config.vocab_size,
                     self.config.type_vocab_size, num_label_classes, labels_per_token)
-            if torch.compiler.is_compiling():  # shapes that do not depend on values: the sorted layout
-                layout, labelled = compiled_layout(args, mask), None
+            if torch.compiler.is_compiling():  # the token count stays a symbolic size: nothing read on the host
+                layout, labelled = compiled_layout(args, mask)
             elif guess_packed and token_labels is not None and self.guess_applies(padded, output_attentions,
                                                                                    output_hidden_states):
                 guess, layout, labelled = self.guess_packed_layout(attention_mask, input_ids, token_type_ids, labels)
@@ -1415,12 +1419,12 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         """labels: (batch, seqlen) target ids, -100 where no prediction is wanted (and on every padded position).
         loss: mean cross-entropy over the labelled tokens.
 
-        logits: (batch, seqlen, vocab), zeros at padded positions, as in transformers' BERT; except in eager training
-        with labels (or with compact_logits=True), where the MLM transform and decoder run on the labelled tokens only
-        and logits is (num_labelled, vocab): one row per label other than -100, in (batch, position) order, so that
+        logits: (batch, seqlen, vocab), zeros at padded positions, as in transformers' BERT; except in training with
+        labels (or with compact_logits=True), where the MLM transform and decoder run on the labelled tokens only and
+        logits is (num_labelled, vocab): one row per label other than -100, in (batch, position) order, so that
         `logits.argmax(-1)` compares with `labels[labels != -100]`. compact_logits=False asks for the full shape in
-        training too. Compiled and exported graphs cannot size tensors by a count, so there the head runs on every
-        row and logits has the full shape.
+        training too. Eager and compiled models behave alike; an exported graph reads no count, so there the head runs
+        on every row and logits has the full shape.
         """
         if compact_logits and labels is None:
             raise ValueError("compact_logits=True keeps the rows of labelled tokens: it needs labels")
@@ -1431,7 +1435,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             guess_packed=compact_logits if compact_logits is not None else self.training,
         )
         if compact_logits and encoding.labelled is None:
-            raise ValueError("compact_logits=True needs the labelled count, which compiled or exported graphs lack")
+            raise ValueError("compact_logits=True needs the labelled count, which an exported graph does not read")
         compact = compact_logits if compact_logits is not None else self.training and encoding.labelled is not None
         implementation = attn_implementation_of(self.config)
         loss = None

@@ -1,5 +1,6 @@
 """Graph capture: torch.export and torch.onnx.export take the padded path and match eager on new shapes; torch.compile
-compiles once per shape kind (no recompile per set of lengths, no graph break) and matches eager; torch.jit.trace is
+compiles once per shape kind (no recompile per set of lengths, no graph break), runs the layers on the real tokens
+only and matches eager; torch.jit.trace is
 refused with a clear error.
 
 Tiny fp32 models on CPU. Batches mix right, left and middle padding and a row with no real token, in shapes the
@@ -171,6 +172,29 @@ def test_compile_has_no_graph_break():
     assert explanation.graph_count == 1
 
 
+def test_compiled_layers_run_on_the_real_tokens_only():
+    """Under torch.compile the encoder's linear layers see the real tokens only, not every padded position: their
+    row count is the symbolic count that the checks return (unbacked: one graph serves every count), never
+    batch * seqlen. The heads' linear layers see one row per sequence."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    torch._dynamo.reset()
+    model = tiny("MosaicBertForSequenceClassification")
+    row_counts = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (torch._C._nn.linear, torch.nn.functional.linear):
+                row_counts.append(node.meta["example_value"].shape[0])
+        return gm
+
+    ids, mask, _ = mixed_padding_batch(4, 9, seed=3)
+    torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, attention_mask=mask)
+    in_layers = [n for n in row_counts if not (isinstance(n, int) and n == 4)]  # the heads: one row per sequence
+    assert len(in_layers) == 4 * DIMS.num_hidden_layers, row_counts
+    assert all(isinstance(n, torch.SymInt) and free_unbacked_symbols(n) for n in in_layers), row_counts
+
+
 def test_compiled_training_step_gives_eager_loss_and_gradients():
     """In training with labels: padding anywhere, the loss and every parameter's gradient as in eager (where the MLM
     head runs on the labelled rows only)."""
@@ -206,7 +230,7 @@ def test_compiled_model_still_raises_value_errors_for_bad_inputs():
 
 
 def test_compile_takes_the_compiled_route_not_the_export_route(monkeypatch):
-    """Under torch.compile the model runs the sorted layout with its value checks, never the export route (which
+    """Under torch.compile the model runs the unpadded layout with its value checks, never the export route (which
     checks nothing): `is_exporting` must say False there even where torch.compiler.is_exporting() says True (Dynamo
     before pytorch/pytorch#176499, as in torch 2.11; tests/test_model_gpu.py runs the GPU variant on such a torch)."""
     torch._dynamo.reset()
@@ -232,7 +256,7 @@ def test_compile_takes_the_compiled_route_not_the_export_route(monkeypatch):
 @pytest.mark.skipif(not INTERPRET, reason="the CPU variant of the kernel path; tests/test_model_gpu.py covers CUDA")
 def test_compiled_kernel_path_matches_eager_and_does_not_recompile():
     """attn_implementation="flash_attention_2" in fp32 under the Triton interpreter: the compiled graph calls the
-    attention kernel on the sorted rows (real tokens first) and gives eager's loss and gradients."""
+    attention kernel on the real tokens and gives eager's loss and gradients."""
     torch._dynamo.reset()
     d = Dims(hidden_size=32, num_attention_heads=2, intermediate_size=64)
     torch.manual_seed(0)

@@ -284,7 +284,8 @@ def test_sequence_classification_training_step_synchronises_with_the_host_at_mos
 
 
 def test_compiled_model_on_cuda_runs_the_kernels_without_recompiling_for_new_lengths(monkeypatch):
-    """torch.compile (inductor) of the whole model in bf16, the sorted row layout feeding the attention kernel: after
+    """torch.compile (inductor) of the whole model in bf16, the real tokens (a symbolic count) feeding the attention
+    kernel: after
     batches that span the range of shapes (a static compile, then dynamic ones), batches of new shapes and lengths
     within that range compile nothing, and every loss is eager's."""
     from torch._dynamo.testing import CompileCounterWithBackend
