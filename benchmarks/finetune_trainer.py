@@ -15,6 +15,7 @@ contender (Trainer's seeded sampler).
     ours-nosync     ours eager with logging_nan_inf_filter=False, as recipes/glue.py sets it (an extra row): Trainer's
                     default filter reads each step's loss on the host (a synchronisation per step), so the host
                     cannot queue the next step while the device runs this one
+    ours-compiled-nosync  ours-compiled with logging_nan_inf_filter=False: the compiled twin of ours-nosync
 
 Steady state: the StepClock of benchmarks/recipe.py (a CUDA event at the end of every optimizer step, nothing
 synchronises); real tokens/s over the last --timed steps, counted from the attention masks the collator built. The
@@ -42,7 +43,7 @@ from recipe import capture_trainers, log, steady_state  # noqa: E402
 from report import finetune_trainer_table  # noqa: E402
 from runinfo import run_meta  # noqa: E402
 
-CONTENDERS = ("ours", "ours-nosync", "ours-compiled", "bert-compiled")  # the cheap ones first
+CONTENDERS = ("ours", "ours-nosync", "ours-compiled", "ours-compiled-nosync", "bert-compiled")  # cheap ones first
 
 
 def parse_args(argv=None):
@@ -127,7 +128,7 @@ def run_contender(name, args, tokenizer, work):
     from transformers import Trainer, TrainingArguments
 
     cuda = torch.cuda.is_available()
-    compiled = name.endswith("compiled") and not args.smoke
+    compiled = "-compiled" in name and not args.smoke
     nosync = name.endswith("nosync")
     torch.manual_seed(0)
     model = build_model(name, args.smoke)

@@ -94,3 +94,22 @@ def test_tensor_subclasses_count_as_traced():
         pass
 
     assert triton_utils.traced((plain, plain.as_subclass(Sub)))
+
+
+def test_sdpa_under_torch_compile_leaves_the_elementwise_kernels_to_the_compiler(monkeypatch):
+    """With "sdpa", a compiled graph calls the attention kernel but leaves GeGLU and dropout + residual + LayerNorm to
+    the compiler (which fuses them and launches them from its own code); "flash_attention_2" keeps every kernel, and
+    outside torch.compile nothing changes."""
+    import modeling_mosaic_bert as m
+
+    if m.flash_attn_varlen_qkvpacked_func is None:
+        pytest.skip("Triton is not installed")
+    tensor = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
+    eager = {(impl, elementwise): m.kernel_policy_reason(impl, tensor, elementwise=elementwise)
+             for impl in ("sdpa", "flash_attention_2") for elementwise in (False, True)}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled = {(impl, elementwise): m.kernel_policy_reason(impl, tensor, elementwise=elementwise)
+                for impl in ("sdpa", "flash_attention_2") for elementwise in (False, True)}
+    assert "leaves elementwise work to the compiler" in compiled["sdpa", True]
+    assert compiled["sdpa", False] == eager["sdpa", False] == eager["sdpa", True]  # the device rule alone
+    assert compiled["flash_attention_2", True] is None and eager["flash_attention_2", True] is None

@@ -99,16 +99,22 @@ def is_exporting() -> bool:
     return not torch.compiler.is_dynamo_compiling() or bool(getattr(torch.compiler, "_is_exporting_flag", True))
 
 
-def kernel_policy_reason(attn_implementation: str, tensor: torch.Tensor) -> str | None:
+def kernel_policy_reason(attn_implementation: str, tensor: torch.Tensor, elementwise: bool = False) -> str | None:
     """The choice every fused Triton kernel shares: why `attn_implementation` keeps this tensor off the kernels, or
     None. "eager" never takes them, "sdpa" only for float16/bfloat16 CUDA tensors, "flash_attention_2" whenever they
-    can run. Nothing is exported through them (they are Triton programs, not ONNX or ATen operators)."""
+    can run. Nothing is exported through them (they are Triton programs, not ONNX or ATen operators).
+    elementwise: a kernel of elementwise work (GeGLU, dropout + residual + LayerNorm). Under torch.compile "sdpa"
+    leaves that work to the compiler, which fuses it with its neighbours and launches it from its own code: a call
+    into a kernel's Python wrapper costs the host more than the device saves, and compiled fine-tuning steps are
+    bound by the host."""
     if attn_implementation == "eager":
         return "attn_implementation is 'eager'"
     if is_exporting():
         return "the model is being exported, and the Triton kernels have no exported form"
     if flash_attn_varlen_qkvpacked_func is None:
         return "Triton is not installed"
+    if attn_implementation == "sdpa" and elementwise and torch.compiler.is_compiling():
+        return "'sdpa' under torch.compile leaves elementwise work to the compiler"
     if attn_implementation == "sdpa" and not (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)):
         return "'sdpa' uses the kernels for float16/bfloat16 CUDA tensors only"
     return None
@@ -153,7 +159,8 @@ class MosaicBertResidualLayerNorm(MosaicBertLayerNorm):
 
     def kernel_unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor, x_bias=None) -> str | None:
         """Why the fused kernel cannot run on these (total_tokens, hidden) inputs, or None."""
-        return kernel_policy_reason(attn_implementation_of(self.config), x) or layer_norm_unsupported_reason(
+        implementation = attn_implementation_of(self.config)
+        return kernel_policy_reason(implementation, x, elementwise=True) or layer_norm_unsupported_reason(
             x, residual, self.weight, self.bias, x_bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, projection: nn.Module) -> torch.Tensor:
@@ -218,7 +225,8 @@ class MosaicBertGatedMLP(nn.Module):
         if not self.fusable_act:
             return "the fused kernel computes the exact 'gelu' activation only"
         implementation = attn_implementation_of(self.config)
-        return kernel_policy_reason(implementation, projected) or geglu_unsupported_reason(projected)
+        reason = kernel_policy_reason(implementation, projected, elementwise=True)
+        return reason or geglu_unsupported_reason(projected)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(total_tokens, hidden) -> (total_tokens, hidden)."""
@@ -831,8 +839,8 @@ class Encoding:
     attentions: per layer, (batch, heads, seqlen, seqlen), when asked.
     labels: (rows,) the token labels of the rows, when token labels were given (-100 on rows of padding).
     labelled: (num_labelled,) int64 rows whose label is not -100, in (batch, position) order (a symbolic count under
-    torch.compile); None while exporting, where no count is read. With a `guess`, (bound,) instead: the labelled rows, then the row count
-    (one past the last row) as filler up to the guess's bound.
+    torch.compile); None while exporting, where no count is read. With a `guess`, (bound,) instead: the labelled
+    rows, then the row count (one past the last row) as filler up to the guess's bound.
     guess: the `PackedBatchGuess` the encoder ran on, which the head must confirm before returning.
     """
 
