@@ -195,6 +195,26 @@ def test_compiled_layers_run_on_the_real_tokens_only():
     assert all(isinstance(n, torch.SymInt) and free_unbacked_symbols(n) for n in in_layers), row_counts
 
 
+def test_compile_without_torchs_size_helper_breaks_the_graph_at_the_checks_only_and_matches_eager(monkeypatch):
+    """Where torch lacks the shape-environment helper that `data_dependent_size` uses, the fake implementation asks
+    for the size through the public ctx.new_dynamic_size(): Dynamo then breaks the graph at the checks operator, and
+    nowhere else, and the outputs still equal eager's."""
+    import torch._library.fake_impl as fake_impl
+
+    monkeypatch.delattr(fake_impl, "allocate_size")
+    torch._dynamo.reset()
+    model = tiny("MosaicBertForMaskedLM")
+    ids, mask, labels = next(_batches(1))
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
+    reasons = [str(r.reason) for r in explanation.break_reasons]
+    assert reasons and all("check_batch" in reason for reason in reasons), reasons  # once per enclosing frame
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="aot_eager")(input_ids=ids, attention_mask=mask, labels=labels)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_training_step_gives_eager_loss_and_gradients():
     """In training with labels: padding anywhere, the loss and every parameter's gradient as in eager (where the MLM
     head runs on the labelled rows only)."""
