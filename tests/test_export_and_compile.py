@@ -226,12 +226,55 @@ def test_compiled_training_step_gives_eager_loss_and_gradients():
     labels[:, ::2] = -100
     results = []
     for run in (compiled, model):
-        loss = run(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
-        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
-    (loss, grads), (eager_loss, eager_grads) = results
+        out = run(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+        results.append((out.logits, out.loss, torch.autograd.grad(out.loss, list(model.parameters()))))
+    (logits, loss, grads), (eager_logits, eager_loss, eager_grads) = results
+    assert logits.shape == (int((labels != -100).sum()), DIMS.vocab_size)  # compact, as in eager
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     for (name, _), g, e in zip(model.named_parameters(), grads, eager_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4, msg=name)
+
+
+EDGE_BATCHES = {
+    "one sequence": ([5], None),
+    "no real token at all": ([0, 0], 4),
+    "one row without tokens": ([3, 0, 6], None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_BATCHES))
+@pytest.mark.parametrize("cls_name", ["MosaicBertForMaskedLM", "MosaicBertForTokenClassification",
+                                      "MosaicBertForQuestionAnswering", "MosaicBertForSequenceClassification"])
+def test_compiled_heads_match_eager_on_edge_batches(cls_name, case):
+    """Batches of one sequence, with no real token at all, or with an empty row, for every kind of head in training
+    (MLM: every label -100 where nothing is real): the compiled model's outputs, loss and gradients equal eager's."""
+    lengths, seqlen = EDGE_BATCHES[case]
+    torch._dynamo.reset()
+    model = tiny(cls_name).train()
+    ids, mask, types = ragged_batch(DIMS, lengths, seqlen=seqlen, seed=3)
+    batch = len(lengths)
+    labels = {
+        "MosaicBertForMaskedLM": torch.where(mask == 1, ids, -100),
+        "MosaicBertForTokenClassification": torch.where(mask == 1, ids % 2, -100),
+        "MosaicBertForSequenceClassification": torch.arange(batch) % 2,
+    }.get(cls_name)
+    kwargs = {"labels": labels} if labels is not None else {
+        "start_positions": torch.zeros(batch, dtype=torch.long), "end_positions": torch.zeros(batch, dtype=torch.long)}
+    results = []
+    for run in (torch.compile(model, backend="aot_eager"), model):
+        out = run(input_ids=ids, attention_mask=mask, token_type_ids=types, **kwargs)
+        outputs = _outputs(out)
+        results.append((outputs, torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)))
+    (got, grads), (expected, eager_grads) = results
+    assert got.keys() == expected.keys()
+    for key in expected:  # equal_nan: a token-classification loss over no label is NaN in both, as in BERT
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5, equal_nan=True, msg=key)
+    for (name, _), g, e in zip(model.named_parameters(), grads, eager_grads):
+        if e is None:
+            assert g is None or not g.any(), name
+        else:
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_compiled_model_still_raises_value_errors_for_bad_inputs():

@@ -113,3 +113,15 @@ def test_sdpa_under_torch_compile_leaves_the_elementwise_kernels_to_the_compiler
     assert "leaves elementwise work to the compiler" in compiled["sdpa", True]
     assert compiled["sdpa", False] == eager["sdpa", False] == eager["sdpa", True]  # the device rule alone
     assert compiled["flash_attention_2", True] is None and eager["flash_attention_2", True] is None
+
+    # The modules ask with the right flag: GeGLU and the residual LayerNorm as elementwise work, attention not.
+    from conftest import make_config
+    from reference import Dims
+
+    layer = m.MosaicBertLayer(make_config(Dims(), attn_implementation="sdpa"))
+    rows = torch.empty(4, layer.mlp.intermediate_size * 2, device="meta", dtype=torch.bfloat16)
+    hidden = torch.empty(4, layer.mlp.wo.out_features, device="meta", dtype=torch.bfloat16)
+    assert "compiler" in layer.mlp.kernel_unsupported_reason(rows)
+    assert "compiler" in layer.mlp.layernorm.kernel_unsupported_reason(hidden, hidden)
+    qkv = torch.empty(4, 3, 2, 8, device="meta", dtype=torch.bfloat16)
+    assert "compiler" not in m.kernel_policy_reason(m.attn_implementation_of(layer.attention.self.config), qkv)

@@ -8,7 +8,7 @@ of a block's elementwise work on the same devices: the GeGLU activation with its
 dropout + residual + LayerNorm (`layernorm_triton.py`); a fourth computes the masked-LM loss from the half-precision
 logits (`cross_entropy_triton.py`). transformers' own switch, `config._attn_implementation` (set with
 `attn_implementation=` in from_pretrained or `model.set_attn_implementation`), decides for all four
-(`kernel_policy_reason`).
+(`kernel_policy_reason`); under torch.compile, "sdpa" leaves the two elementwise ones to the compiler.
 
 A forward reads the device once, at entry: one host synchronisation returns every value check of the inputs and the
 labels together with the sequence lengths that unpadding needs (`read_batch`). Three situations change the route:
@@ -18,8 +18,9 @@ labels together with the sequence lengths that unpadding needs (`read_batch`). T
 - torch.compile (`torch.compiler.is_compiling()`): the checks and the unpadding run as one custom operator,
   `check_batch`. They still raise at run time; the compiler sees no value, only a token count it keeps symbolic
   (`data_dependent_size`), so there is no guard on lengths, no recompile per batch and no graph break, and the
-  layers still see the real tokens only. Attention is the Triton kernel where it runs, else `padded_attention`
-  (no lengths on the host).
+  layers still see the real tokens only (the MLM head in training: the labelled ones). Attention is the Triton
+  kernel where it runs, else `padded_attention` (no lengths on the host); GeGLU and the residual LayerNorm are the
+  compiler's under "sdpa".
 - torch.jit.trace is refused: a trace would freeze one batch's unpadding.
 """
 
