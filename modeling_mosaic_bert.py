@@ -1095,25 +1095,25 @@ if not _op_registered("check_batch"):
         type_vocab_size: int,
         num_label_classes: int,
         labels_per_token: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`read_batch` and `unpad_rows` as an operator, for torch.compile: at run time the checks raise as in eager
         (one host synchronisation), while the compiler sees an opaque call whose output sizes are symbolic (no graph
-        break, no guard on any value, one graph for every batch). Returns the (tokens,) int64 flat positions of the
-        real tokens and, with token labels, the (num_labelled,) rows whose label is not -100 (else an empty tensor)."""
+        break, no guard on any value, one graph for every batch). Returns `unpad_rows`' three tensors: the (tokens,)
+        int64 flat positions of the real tokens, the (batch + 1,) int32 cu_seqlens and, with token labels, the
+        (num_labelled,) rows whose label is not -100 (else an empty tensor)."""
         lengths, num_labelled = read_batch(attention_mask, input_ids, token_type_ids, labels, vocab_size,
                                            type_vocab_size, num_label_classes, labels_per_token)
-        indices, _, labelled = unpad_rows(attention_mask != 0, labels if labels_per_token else None, sum(lengths),
-                                          num_labelled)
-        return indices, labelled
+        return unpad_rows(attention_mask != 0, labels if labels_per_token else None, sum(lengths), num_labelled)
 
     @check_batch.register_fake
     def _(attention_mask, input_ids, token_type_ids, labels, vocab_size, type_vocab_size, num_label_classes,
           labels_per_token):
         ctx = torch.library.get_ctx()
         indices = attention_mask.new_empty(data_dependent_size(ctx), dtype=torch.int64)
+        cu_seqlens = attention_mask.new_empty(attention_mask.shape[0] + 1, dtype=torch.int32)
         with_labels = labels is not None and labels_per_token
         labelled = attention_mask.new_empty(data_dependent_size(ctx) if with_labels else 0, dtype=torch.int64)
-        return indices, labelled
+        return indices, cu_seqlens, labelled
 
 
 def check_call(config, input_ids, attention_mask, token_type_ids, inputs_embeds, labels, labels_per_token):
@@ -1136,10 +1136,9 @@ def compiled_layout(args: tuple, mask: torch.Tensor) -> tuple[TokenLayout, torch
     """The unpadded layout torch.compile runs on, and the labelled rows, after the checks of `check_batch` (an opaque
     operator: no guard on any value, no graph break). The counts are sizes the compiler does not know, so no length
     is on the host: attention bounds every sequence by the padded seqlen."""
-    indices, labelled = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
+    indices, cu_seqlens, labelled = getattr(torch.ops, _OPS_NAMESPACE).check_batch(*args)
     torch._check(indices.shape[0] <= mask.numel())
     torch._check(labelled.shape[0] <= indices.shape[0])
-    cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=-1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
     return TokenLayout(mask, indices, cu_seqlens, max_seqlen=mask.shape[1]), labelled
 
 

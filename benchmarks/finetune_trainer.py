@@ -1,6 +1,6 @@
 """Fine-tuning through transformers' Trainer on variable lengths: eager against `torch_compile=True`.
 
-    python benchmarks/finetune_trainer.py                # GPU: 4 contenders, 120 steps each, the last 80 timed
+    python benchmarks/finetune_trainer.py                # GPU: 5 contenders, 120 steps each, the last 80 timed
     python benchmarks/finetune_trainer.py --smoke        # CPU: tiny eager models, seconds (checks the script)
 
 Each contender is a sequence classifier (2 labels) trained by a plain `Trainer`: bf16, `adamw_torch_fused`, batch

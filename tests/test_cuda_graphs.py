@@ -196,13 +196,19 @@ def test_dropout_draws_a_new_mask_on_every_replay():
     assert all(abs(loss - clean) < 0.5 for loss in losses), (losses, clean)
 
 
+def replay_kept_for_a_second_backward(model):
+    """Warms `model` up to replaying, then runs one replayed step whose backward keeps its graph: returns its loss."""
+    train_until_replaying(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**packed_batch(5, "cuda")).loss
+    loss.backward(retain_graph=True)
+    return loss
+
+
 @gpu
 def test_a_backward_through_an_older_forward_raises_rather_than_using_newer_activations():
     model = make_model("cuda")
-    train_until_replaying(model)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        old = model(**packed_batch(5, "cuda")).loss
-    old.backward(retain_graph=True)
+    old = replay_kept_for_a_second_backward(model)
     loss_and_grads(model, packed_batch(6, "cuda"))
     with pytest.raises(RuntimeError, match="cuda_graphs=False"):
         old.backward()
@@ -244,10 +250,7 @@ def test_an_evaluation_frees_the_graphs_and_training_captures_them_again():
 @gpu
 def test_a_second_backward_of_one_step_raises():
     model = make_model("cuda")
-    train_until_replaying(model)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**packed_batch(5, "cuda")).loss
-    loss.backward(retain_graph=True)
+    loss = replay_kept_for_a_second_backward(model)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
 

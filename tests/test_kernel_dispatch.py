@@ -124,4 +124,7 @@ def test_sdpa_under_torch_compile_leaves_the_elementwise_kernels_to_the_compiler
     assert "compiler" in layer.mlp.kernel_unsupported_reason(rows)
     assert "compiler" in layer.mlp.layernorm.kernel_unsupported_reason(hidden, hidden)
     qkv = torch.empty(4, 3, 2, 8, device="meta", dtype=torch.bfloat16)
-    assert "compiler" not in m.kernel_policy_reason(m.attn_implementation_of(layer.attention.self.config), qkv)
+    mask = torch.ones(1, 4, dtype=torch.bool, device="meta")
+    layout = m.TokenLayout(mask, torch.empty(4, dtype=torch.int64, device="meta"),
+                           torch.empty(2, dtype=torch.int32, device="meta"), max_seqlen=4)
+    assert "compiler" not in layer.attention.self.kernel_unsupported_reason(qkv, layout, torch.empty(2), False)
